@@ -13,7 +13,6 @@ schema (default: yahma/alpaca-cleaned; HuggingFaceTB/smol-smoltalk for multi-tur
 
 from fgpt_jax.config import Config, TrainConfig
 from fgpt_jax.data import DataConfig
-from fgpt_jax.model import GPTConfig
 from fgpt_jax.optim import OptimConfig
 
 
@@ -21,7 +20,7 @@ def get_config() -> Config:
     return Config(
         name="sft",
         init_from="",  # the base run directory (pretrained here, or imported with python -m fgpt_jax.hf import)
-        model=GPTConfig(),  # replaced by the base run's model config
+        model=None,  # the base run's model (shape and numerics); model.* overrides apply on top
         data=DataConfig(format="chat", path="yahma/alpaca-cleaned", max_prompt_tokens=300, max_response_tokens=300,
                         pack=True, val_fraction=0.05),
         optim=OptimConfig(name="adamw", lr=5e-5, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0),

@@ -4,4 +4,4 @@ Where things live: `model` (GPT), `tokenizer` (GPT-2 BPE + chat tokens), `config
 configs and CLI overrides), `data/` (token shards and the sampler).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -2,8 +2,8 @@
 
 Each checkpoint step directory holds four items:
   params  the model parameters (StandardSave of the nnx.State) — all that `load_model` reads
-  train   optimizer state, step and PRNG key data
-  data    the sampler's iterator state (JSON), so batch k after a restore is batch k of a straight run
+  train   every other field of the TrainState (optimizer state, step, PRNG key data), saved generically
+  data    the loader's iterator state (JSON), so batch k after a restore is batch k of a straight run
   meta    step, val loss and the time, for humans and for the best-by-val-loss policy
 
 Orbax writes every step into a temporary directory and renames it when complete, so a crash or a
@@ -14,6 +14,7 @@ Saves are asynchronous: the train loop continues while the arrays are written.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -22,8 +23,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
-from fgpt_jax.config import Config, load_run_config
+from fgpt_jax.config import Config
 from fgpt_jax.model import GPT, abstract_model, named_leaves
+from fgpt_jax.rundir import RunDir
 
 
 class CheckpointError(RuntimeError):
@@ -68,10 +70,9 @@ class Checkpoints:
         if val_loss is not None and np.isfinite(val_loss):
             meta["val_loss"] = metrics_val = float(val_loss)
             metrics = {"val_loss": metrics_val}
-        train = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
         self.manager.save(int(step), args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
-            train=ocp.args.StandardSave(train),
+            train=ocp.args.StandardSave(_train_fields(state)),
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta),
         ), metrics=metrics, force=True)
@@ -86,16 +87,12 @@ class Checkpoints:
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """Restore (TrainState, data_state) at `step` into the shapes/shardings of `abstract_state`."""
         check_shapes(self.item_shapes(step, "params"), abstract_state.params, self.directory / str(step))
-        train_target = {"opt_state": abstract_state.opt_state, "step": abstract_state.step, "rng": abstract_state.rng}
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state.params),
-            train=ocp.args.StandardRestore(train_target),
+            train=ocp.args.StandardRestore(_train_fields(abstract_state)),
             data=ocp.args.JsonRestore(),
         ))
-        train = out["train"]
-        state = abstract_state.replace(params=out["params"], opt_state=train["opt_state"],
-                                       step=train["step"], rng=train["rng"])
-        return state, out["data"]
+        return abstract_state.replace(params=out["params"], **out["train"]), out["data"]
 
     def restore_params(self, step: int, abstract_params):
         check_shapes(self.item_shapes(step, "params"), abstract_params, self.directory / str(step))
@@ -117,6 +114,11 @@ class Checkpoints:
         self.manager.close()
 
 
+def _train_fields(state) -> dict:
+    """Every field of a TrainState but its params: the `train` item."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "params"}
+
+
 def check_shapes(saved: dict[str, tuple], abstract_params, where) -> None:
     """Refuse to restore into a model of another shape, naming the parameters that differ."""
     want = {k: tuple(x.shape) for k, x in named_leaves(abstract_params).items()}
@@ -131,33 +133,21 @@ def save_model(run_dir: str | Path, model: GPT, cfg: Config, step: int = 0, meta
     """Write `model` as a run directory (config.json + a params-only checkpoint at `step`).
 
     What `load_model`, evaluation, generation and `--config.init_from` read; `--resume` needs a
-    checkpoint written by training (it also holds optimizer and sampler state).
+    checkpoint written by training (it also holds optimizer and loader state).
     """
-    from fgpt_jax.config import save_config
-    run_dir = Path(run_dir)
-    if (run_dir / "checkpoints").is_dir() and any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir()):
-        raise CheckpointError(f"{run_dir}: already holds checkpoints; choose another directory")
+    run = RunDir(run_dir)
     if cfg.model != model.config:
-        raise CheckpointError(f"{run_dir}: cfg.model does not describe this model")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
-    ckpts = Checkpoints(run_dir / "checkpoints", async_save=False)
-    try:
-        ckpts.save_params(step, nnx.state(model, nnx.Param), meta)
-    finally:
-        ckpts.close()
-    return run_dir
-
-
-def checkpoint_steps(run_dir: str | Path) -> list[int]:
-    """The complete checkpoints of a run directory, oldest first (in-progress saves excluded)."""
-    if not (Path(run_dir) / "checkpoints").is_dir():
-        return []
-    ckpts = Checkpoints(Path(run_dir) / "checkpoints", read_only=True)
-    try:
-        return ckpts.steps()
-    finally:
-        ckpts.close()
+        raise CheckpointError(f"{run}: cfg.model does not describe this model")
+    with run.lock():
+        if run.has_checkpoints():
+            raise CheckpointError(f"{run}: already holds checkpoints; choose another directory")
+        run.write_config(cfg)
+        ckpts = Checkpoints(run.checkpoints, async_save=False)
+        try:
+            ckpts.save_params(step, nnx.state(model, nnx.Param), meta)
+        finally:
+            ckpts.close()
+    return run.path
 
 
 def load_model(run_dir: str | Path, step: int | None = None) -> tuple[GPT, Config]:
@@ -165,19 +155,17 @@ def load_model(run_dir: str | Path, step: int | None = None) -> tuple[GPT, Confi
 
     The model config comes from the run's config.json, so no flag has to be repeated.
     """
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    if not (run_dir / "checkpoints").is_dir():
-        raise CheckpointError(f"{run_dir / 'checkpoints'}: no complete checkpoint")
-    ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    steps = run.checkpoint_steps()
+    if not steps:
+        raise CheckpointError(f"{run.checkpoints}: no complete checkpoint")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"--step {step}: not in {run.checkpoints} (available: {', '.join(map(str, steps))})")
+    ckpts = Checkpoints(run.checkpoints, read_only=True)
     try:
-        steps = ckpts.steps()
-        if not steps:
-            raise CheckpointError(f"{run_dir / 'checkpoints'}: no complete checkpoint")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise CheckpointError(f"--step {step}: not in {run_dir / 'checkpoints'} (available: {', '.join(map(str, steps))})")
         graphdef, abstract_params = nnx.split(abstract_model(cfg.model), nnx.Param)
         params = ckpts.restore_params(step, abstract_params)
     finally:

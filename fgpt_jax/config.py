@@ -4,8 +4,12 @@ A run is described by one `Config`: model shape, data, optimizer and the trainin
 component owns its dataclass (`GPTConfig` in model.py, `DataConfig` in data/, `OptimConfig` in
 optim.py); this module declares the loop's `TrainConfig`, composes them, and provides the machinery:
 
-- `load_config("tiny" | "configs/gpt2_124m.py")`: a preset name resolves to `configs/<name>.py`;
-  a config file defines `get_config() -> Config`.
+- `load_config("tiny" | "path/to/mine.py")`: a preset name resolves to `configs/<name>.py`, which
+  ships inside the package as `fgpt_jax.configs` (so a plain `pip install` trains); a config file
+  defines `get_config() -> Config`.
+- `resolve_config(...)`: the one resolution of a run's config (preset or the resumed run's own
+  config.json, then overrides, then the base run's model for fine-tuning), called by the training
+  CLI and by `fgpt_jax.train.train` alike.
 - `apply_overrides(cfg, ["model.n_layer=4", ...])`: the ml_collections convention
   (`--config.model.n_layer=4` on the command line). Values are parsed by the field's declared type;
   unknown keys and unparsable values fail with a message listing the valid keys.
@@ -16,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import importlib.util
 import json
+import pkgutil
 import os
 import types
 import typing
@@ -78,47 +84,50 @@ class Config:
     name: str = "tiny"  # run name (used for the default workdir runs/<name>)
     seed: int = 0  # seeds parameter init and every other PRNG stream of the run
     init_from: str = ""  # start from this run directory's latest params (fine-tuning); "": random init
-    model: GPTConfig = field(default_factory=lambda: GPTConfig.preset("tiny"))  # model shape and numerics
+    model: GPTConfig | None = field(default_factory=lambda: GPTConfig.preset("tiny"))  # model shape and numerics; None: init_from's model
     data: DataConfig = field(default_factory=DataConfig)  # token shards and sampler
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and learning-rate schedule
     train: TrainConfig = field(default_factory=TrainConfig)  # the training loop
 
 
-REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def preset_dirs() -> list[Path]:
-    """Where preset names are looked up: ./configs, then the configs/ of this checkout."""
-    dirs = [Path.cwd() / "configs", REPO_CONFIG_DIR]
-    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+PRESET_PACKAGE = "fgpt_jax.configs"  # the top-level configs/ directory, installed under this name
 
 
 def list_presets() -> list[str]:
-    return sorted({p.stem for d in preset_dirs() for p in d.glob("*.py") if not p.stem.startswith("_")})
+    """Preset names: the modules of fgpt_jax.configs (configs/ in a checkout)."""
+    package = importlib.import_module(PRESET_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
 
 
 def load_config(spec: str = "tiny") -> Config:
     """A Config from a preset name ("gpt2_124m", "gpt2-124m") or a path to a config .py file."""
     path = Path(spec)
-    if not (spec.endswith(".py") or path.exists()):
+    if spec.endswith(".py") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--config {spec}: file not found")
+        module_spec = importlib.util.spec_from_file_location(f"fgpt_jax_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        loader, where = (lambda: module_spec.loader.exec_module(module)), str(path)
+    else:
         name = spec.replace("-", "_")
-        found = [d / f"{name}.py" for d in preset_dirs() if (d / f"{name}.py").is_file()]
-        if not found:
-            raise ConfigError(f"--config {spec}: no such preset or file; presets: {', '.join(list_presets()) or 'none found'}")
-        path = found[0]
-    if not path.is_file():
-        raise ConfigError(f"--config {spec}: file not found")
-    module_spec = importlib.util.spec_from_file_location(f"fgpt_jax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:  # a config file is user code: report where it failed, in one line
-        raise ConfigError(f"--config {path}: failed to load: {type(e).__name__}: {e}") from e
-    if not callable(getattr(module, "get_config", None)):
-        raise ConfigError(f"--config {path}: must define get_config() returning fgpt_jax.config.Config")
-    cfg = module.get_config()
+        if name not in list_presets():
+            raise ConfigError(f"--config {spec}: no such preset or file; presets: {', '.join(list_presets())}")
+        module, where = None, f"{PRESET_PACKAGE}.{name}"
+        loader = None
+    try:  # a config file is user code: report where it failed, in one line
+        if loader is None:
+            module = importlib.import_module(where)
+        else:
+            loader()
+        cfg = module.get_config() if callable(getattr(module, "get_config", None)) else None
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"--config {where}: failed to load: {type(e).__name__}: {e}") from e
+    if cfg is None:
+        raise ConfigError(f"--config {where}: must define get_config() returning fgpt_jax.config.Config")
     if not isinstance(cfg, Config):
-        raise ConfigError(f"--config {path}: get_config() returned {type(cfg).__name__}, expected Config")
+        raise ConfigError(f"--config {where}: get_config() returned {type(cfg).__name__}, expected Config")
     return cfg
 
 
@@ -129,6 +138,14 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _fields(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+def _group(typ: Any) -> type | None:
+    """The dataclass a field holds (unwrapping `X | None`), or None for a plain value."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(typ) if a is not type(None)]
+        typ = inner[0] if len(inner) == 1 else typ
+    return typ if dataclasses.is_dataclass(typ) else None
 
 
 def _parse_scalar(text: str, typ: Any, key: str) -> Any:
@@ -242,9 +259,15 @@ def load_run_config(path: str | os.PathLike) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: not found (expected a run directory containing config.json)")
     try:
-        return from_json(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
+    try:
+        return from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | dict[str, str]) -> Config:
@@ -259,15 +282,43 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, str]) -> Confi
             if part not in hints:
                 where = ".".join(parts[:i]) or "config"
                 raise ConfigError(f"unknown config key '{key}'; valid keys in '{where}': {', '.join(_fields(cls))}")
+            group = _group(hints[part])
             if i < len(parts) - 1:
-                if not dataclasses.is_dataclass(hints[part]):
+                if group is None:
                     raise ConfigError(f"unknown config key '{key}': '{'.'.join(parts[:i + 1])}' has no sub-keys")
-                node, cls = node[part], hints[part]
-            elif dataclasses.is_dataclass(hints[part]):
-                raise ConfigError(f"config key '{key}' is a group; set one of its keys: {', '.join(_fields(hints[part]))}")
+                if node[part] is None:
+                    raise ConfigError(f"--config.{key}: '{'.'.join(parts[:i + 1])}' is not set here (it comes from "
+                                      f"init_from); set init_from, or the whole group in a config file")
+                node, cls = node[part], group
+            elif group is not None:
+                raise ConfigError(f"config key '{key}' is a group; set one of its keys: {', '.join(_fields(group))}")
             else:
                 node[part] = _parse_scalar(text, hints[part], key)
     return from_dict(Config, data)
+
+
+def resolve_config(base: Config | str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                   run_dir: str | os.PathLike | None = None, resume: bool = False) -> Config:
+    """The config a run trains with. The CLI and `fgpt_jax.train.train` both call this.
+
+    1. the base: a Config, a preset name or file; with none given, the run's own config.json when
+       resuming (`run_dir`), else the "tiny" preset;
+    2. the dotted `overrides`, except `model.*`;
+    3. a config whose `model` is None (the `sft` preset) takes the `init_from` run's model, so a
+       fine-tuning config need not repeat the base model's shape and numerics;
+    4. the `model.*` overrides, on top of whichever model step 3 left.
+    """
+    if base is None:
+        saved = Path(run_dir) / "config.json" if run_dir is not None else None
+        base = load_run_config(saved) if resume and saved is not None and saved.is_file() else "tiny"
+    cfg = load_config(base) if isinstance(base, str) else base
+    model_overrides = [o for o in overrides if o.removeprefix("--config.").startswith("model.")]
+    cfg = apply_overrides(cfg, [o for o in overrides if o not in model_overrides])
+    if cfg.model is None:
+        if not cfg.init_from:
+            raise ConfigError("model: not set by this config; set init_from=RUN_DIR to fine-tune that run's model")
+        cfg = dataclasses.replace(cfg, model=load_run_config(cfg.init_from).model)
+    return apply_overrides(cfg, model_overrides)
 
 
 def _split_override(text: str) -> tuple[str, str]:
@@ -304,4 +355,4 @@ def split_config_args(argv: list[str]) -> tuple[str | None, list[str], list[str]
 def parse_config_args(argv: list[str], default: str = "tiny") -> tuple[Config, list[str]]:
     """The Config that argv describes (preset or file, then overrides) and the other arguments."""
     spec, overrides, rest = split_config_args(argv)
-    return apply_overrides(load_config(spec or default), overrides), rest
+    return resolve_config(spec or default, overrides), rest

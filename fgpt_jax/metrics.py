@@ -2,9 +2,10 @@
 
 Tags are the same everywhere: `train/loss`, `lr` (and `lr_muon`), `grad_norm`, `tokens_per_sec`,
 `mfu`, `val/loss`, `hellaswag/*`; text samples go to TensorBoard as text and to metrics.jsonl.
-Only process 0 writes. On resume, entries past the restored step (logged after the last
-checkpoint, before the crash) are dropped from metrics.jsonl and purged from TensorBoard, so the
-curves never show the same step twice.
+Only process 0 writes. A run that starts at step s keeps only the entries up to s: on resume,
+entries logged after the restored checkpoint (before the crash) are dropped from metrics.jsonl and
+purged from TensorBoard; a fresh start drops everything an earlier attempt logged. So the curves
+never show the same step twice.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -49,31 +51,28 @@ def mfu(tokens_per_sec: float, flops_per_token: float, n_devices: int, peak: flo
 
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard (tensorboardX) for one run directory."""
+    """metrics.jsonl + TensorBoard (tensorboardX) for one run directory (a `RunDir`)."""
 
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None, enabled: bool = True):
+    def __init__(self, run, keep_through: int = -1, enabled: bool = True):
+        """Entries for steps after `keep_through` are dropped (-1: a fresh start drops all)."""
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = run.metrics
         self.tb = None
         if not enabled:
             return
-        if resume_step is not None:
-            self._truncate_after(resume_step)
+        self._truncate_after(keep_through)
         from tensorboardX import SummaryWriter
-        # purge_step drops events past the restored step from the TensorBoard view.
-        self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+        # purge_step: TensorBoard hides events at or after it that earlier event files hold.
+        self.tb = SummaryWriter(str(run.tb), purge_step=keep_through + 1)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
+        for row in read_metrics(self.path):
+            if row.get("step", 0) <= step:
+                kept.append(json.dumps(row))
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
@@ -105,6 +104,58 @@ class MetricsWriter:
         if self.enabled:
             self.tb.close()
             self._file.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The JSON objects of a metrics.jsonl (or the one of a run directory), skipping lines that are
+    not objects with an integer step (a line cut short by a crash, say)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
+
+
+class Throughput:
+    """Training speed, measured on the host one step behind the device (when each step's metrics
+    arrive). `tick` at every step keeps `rate`, a smoothed tokens/s for the progress bar; at logged
+    steps it also reports the mean tokens/s and MFU since the last report. The first step after
+    the start or a `pause` (evaluation, checkpoints) only sets the clock: it includes compilation or
+    work that is not training."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, n_devices: int, peak: float | None):
+        self.tokens_per_step, self.flops_per_token, self.n_devices, self.peak = (
+            tokens_per_step, flops_per_token, n_devices, peak)
+        self.rate = 0.0
+        self.pause()
+
+    def pause(self) -> None:
+        self._ref = self._prev = None  # (time, step)
+
+    def tick(self, step: int, report: bool) -> dict:
+        now = time.perf_counter()
+        out = {}
+        if self._prev is not None:
+            dt = now - self._prev[0]
+            if dt > 0:
+                inst = (step - self._prev[1]) * self.tokens_per_step / dt
+                self.rate = inst if self.rate == 0 else 0.8 * self.rate + 0.2 * inst
+        if self._ref is None:
+            self._ref = (now, step)
+        elif report and now > self._ref[0]:
+            tps = (step - self._ref[1]) * self.tokens_per_step / (now - self._ref[0])
+            out = {"tokens_per_sec": tps, "mfu": mfu(tps, self.flops_per_token, self.n_devices, self.peak)}
+            self._ref = (now, step)
+        self._prev = (now, step)
+        return out
 
 
 def format_line(step: int, total: int, values: dict, eta_s: float | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Training curves of a run in one PNG: `python -m fgpt_jax.plot RUN [--out FILE.png]`.
+"""Training curves of a run in one PNG: `python -m fgpt_jax.plot --run RUN [--out FILE.png]`.
 
 Reads metrics.jsonl only (no TensorBoard needed): train and val loss, learning rate(s), and the
 HellaSwag accuracies when the run logged them. Needs matplotlib (`pip install -e ".[plot]"`).
@@ -7,22 +7,11 @@ HellaSwag accuracies when the run logged them. Needs matplotlib (`pip install -e
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (expected a run directory written by fgpt_jax.train)")
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return rows
+from fgpt_jax import cli
+from fgpt_jax.metrics import read_metrics
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -38,7 +27,10 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("matplotlib is needed for plots: pip install -e \".[plot]\"") from None
-    rows = read_metrics(run_dir)
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (expected a run directory written by fgpt_jax.train)")
+    rows = read_metrics(path)
     hella = [k for k in ("hellaswag/acc_norm", "hellaswag/acc", "hellaswag/acc_token_avg") if series(rows, k)[0]]
     panels = 2 + bool(hella)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
@@ -72,16 +64,20 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fgpt_jax.plot", description=__doc__.splitlines()[0])
-    p.add_argument("run", type=Path, help="run directory (holds metrics.jsonl)")
+    p = cli.Parser(prog="python -m fgpt_jax.plot", description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, metavar="DIR", help="run directory (holds metrics.jsonl)")
+    p.add_argument("run_positional", nargs="?", type=Path, metavar="RUN", help=argparse.SUPPRESS)  # the 0.1 form: plot RUN
     p.add_argument("--out", type=Path, help="output PNG (default: RUN/curves.png)")
     args = p.parse_args(argv)
-    try:
-        print(plot(args.run, args.out))
-    except (FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    run = args.run or args.run_positional
+    if run is None:
+        p.error("--run: expected a run directory")
+
+    def body() -> int:
+        print(plot(run, args.out))
+        return 0
+
+    return cli.run(body, (FileNotFoundError, ImportError, ValueError))
 
 
 if __name__ == "__main__":

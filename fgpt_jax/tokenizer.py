@@ -96,7 +96,7 @@ class Tokenizer:
 
     def render_chat(self, messages: Sequence[Message | dict], add_generation_prompt: bool = False
                     ) -> tuple[list[int], list[int]]:
-        """Render a conversation with the Phi-3-style template of DESIGN.md.
+        """Render a conversation with the Phi-3-style template of docs/design.md.
 
         `<|endoftext|>[<|system|>S<|end|>]<|user|>U<|end|><|assistant|>A<|end|>...`
         Returns (ids, loss_mask): mask 1 exactly on assistant content tokens and their closing

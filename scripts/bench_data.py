@@ -5,7 +5,7 @@
 Tokenisation: `write_shards` end to end (read, strip, split hash, tokenise, pack, write shards),
 beside tiktoken's `encode_ordinary_batch` on the same document texts with as many threads (the
 ceiling the issue names) and a bare process pool encoding the same texts (the alternative that
-measured faster, and so what write_shards uses). Sampler: `TrainSampler` batches
+measured faster, and so what write_shards uses). Sampler: `WindowLoader` batches
 of B x (T + 1) int32 host arrays from the memmapped shards, on one thread and through grain's
 prefetching iterator. Prints a markdown table.
 """
@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-from fgpt_jax.data.sampler import TrainSampler
-from fgpt_jax.data.sample import SAMPLE_FILE
+from fgpt_jax.data.bundled import CORPUS_FILE
+from fgpt_jax.data.loader import WindowLoader
 from fgpt_jax.data.shards import open_shards
 from fgpt_jax.data.sources import TextSource, files_source
 from fgpt_jax.data.writer import write_shards
@@ -51,7 +51,7 @@ def best_of(repeat: int, fn):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--files", nargs="+", default=[SAMPLE_FILE], help="text/jsonl/parquet/csv files (default: bundled sample)")
+    p.add_argument("--files", nargs="+", default=[CORPUS_FILE], help="text/jsonl/parquet/csv files (default: bundled sample)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--copies", type=int, default=1,
                    help="read the files N times, so process start-up (~1 s) is amortised as on a real corpus")
@@ -91,12 +91,12 @@ def main(argv=None) -> None:
 
         shards = open_shards(out, "train")
         B, T = args.batch, args.seq_len
-        s = TrainSampler(shards, T, B, seed=0, prefetch=0)
+        s = WindowLoader(shards, T, B, seed=0, prefetch=0)
         s.batch(0)
         t_pure, _ = best_of(args.repeat, lambda: [s.batch(k) for k in range(args.steps)])
         rows.append((f"sampler batch(k), B={B} T={T}, int32 host arrays", "1 thread", args.steps * B * T / t_pure, None))
         for prefetch, threads in ((2, 1), (4, 2)):
-            it = TrainSampler(shards, T, B, seed=0, prefetch=prefetch, read_threads=threads)
+            it = WindowLoader(shards, T, B, seed=0, prefetch=prefetch, read_threads=threads)
             next(it)
             t_it, _ = best_of(args.repeat, lambda: [next(it) for _ in range(args.steps)])
             rows.append((f"sampler grain iterator, prefetch={prefetch}", f"{threads} read thread(s)",

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fgpt_jax.generate import Generator
+from fgpt_jax.inference.generator import Generator
 from fgpt_jax.model import GPT, GPTConfig
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from fgpt_jax.data.hellaswag import load_examples
-from fgpt_jax.evaluate import HellaSwagScorer
+from fgpt_jax.eval.hellaswag import HellaSwagScorer
 from fgpt_jax.model import GPT, GPTConfig
 from fgpt_jax.tokenizer import get_tokenizer
 

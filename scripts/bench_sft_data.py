@@ -25,37 +25,41 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 from flax import nnx
 
-from fgpt_jax.data.chat import build_chat_data, chat_val_batches, load_conversations
+from fgpt_jax.data import Batch
+from fgpt_jax.data.conversations import build_chat_data, load_conversations
+from fgpt_jax.data.loader import val_rows
 from fgpt_jax.model import GPT, GPTConfig
 from fgpt_jax.optim import OptimConfig, learning_rates, make_optimizer
-from fgpt_jax.train_step import init_train_state, make_eval_step, make_train_step
+from fgpt_jax.loss import make_eval_step
+from fgpt_jax.tokenizer import get_tokenizer
+from fgpt_jax.train.step import init_train_state, make_train_step
 
 HEADING = "## SFT data: packing vs padding (issue 6)"
 
 
-def run(data, val_rows, cfg: GPTConfig, batch: int, seed: int) -> dict:
+def run(data, val_batches, cfg: GPTConfig, batch: int, seed: int) -> dict:
     """One epoch over every train row of `data`; returns timings and the val loss after it."""
-    batches = chat_val_batches(data.train, batch)  # every row once, fixed shape (last batch zero-mask padded)
+    batches = val_rows(data.train, batch, get_tokenizer().eot_id)  # every row once, fixed shape (last batch zero-mask padded)
     steps = len(batches)
     ocfg = OptimConfig(name="adamw", warmup_steps=max(1, steps // 10))
     tx = make_optimizer(ocfg, steps)
     model = GPT(cfg, rngs=nnx.Rngs(seed))
-    graphdef, state0 = init_train_state(model, tx, seed)
+    graphdef, state0 = nnx.graphdef(model), init_train_state(model, tx, seed)
     fresh = lambda: jax.tree.map(lambda x: x.copy(), state0)
     step = make_train_step(graphdef, tx, lambda s: learning_rates(ocfg, steps, s))
     x, m = batches[0]
-    state, metrics = step(fresh(), x[None], m[None])  # compile
+    state, metrics = step(fresh(), Batch(x[None], m[None]))  # compile
     jax.block_until_ready(metrics)
     state = fresh()
     t0 = time.perf_counter()
     for x, m in batches:
-        state, metrics = step(state, x[None], m[None])
+        state, metrics = step(state, Batch(x[None], m[None]))
     loss = float(metrics["train/loss"])
     seconds = time.perf_counter() - t0
     eval_step = make_eval_step(graphdef)
     total = count = 0.0
-    for x, m in val_rows:
-        s, n = eval_step(state.params, x, m)
+    for b in val_batches:
+        s, n = eval_step(state.params, b)
         total, count = total + float(s), count + float(n)
     sup = int(data.train.mask.sum())
     return {"rows": data.train.num_rows, "fill": data.stats["train_fill_fraction"], "steps": steps,
@@ -81,7 +85,7 @@ def main(argv=None) -> None:
     convs = load_conversations(args.data)
     cfg = GPTConfig.preset("tiny", block_size=max(128, args.seq_len))
     padded = build_chat_data(convs, args.seq_len, pack=False, seed=args.seed)
-    val_rows = chat_val_batches(padded.val, args.batch)
+    val_batches = val_rows(padded.val, args.batch, get_tokenizer().eot_id)
     say(f"jax {jax.__version__}, {jax.devices()[0].platform}, tiny preset ({cfg.num_params() / 1e6:.2f}M params), "
         f"float32, seq_len {args.seq_len}, batch {args.batch}, AdamW; {len(convs)} conversations from "
         f"{os.path.basename(args.data)}, {padded.stats['train_conversations']} train / "
@@ -95,7 +99,7 @@ def main(argv=None) -> None:
     base = None
     for name, data, batch in (("padded (1 per row)", padded, args.batch), ("packed (best-fit)", packed, args.batch),
                               ("packed, batch scaled to padded's steps", packed, small)):
-        r = run(data, val_rows, cfg, batch, args.seed)
+        r = run(data, val_batches, cfg, batch, args.seed)
         base = base or r["seconds"]
         say(f"| {name} | {batch} | {r['rows']:,} | {r['fill']:.1%} | {r['steps']} | {r['seconds']:.1f} | "
             f"{r['sup_tok_s']:,.0f} | {base / r['seconds']:.2f}x | {r['val_loss']:.3f} |")

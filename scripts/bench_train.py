@@ -4,7 +4,7 @@
                                   [--steps 20] [--warmup 3] [--variant base xla cudnn remat adamw muon]
                                   [--config.model.n_layer=6 ...] [--json results.json]
 
-Each row builds the run exactly as `python -m fgpt_jax.train` does (`fgpt_jax.train.build_setup`:
+Each row builds the run exactly as `python -m fgpt_jax.train` does (`fgpt_jax.train.step.build_setup`:
 the same mesh, shardings, optax chain and donated step) for the config plus the variant's
 overrides, feeds random tokens already on the device, runs --warmup steps (compilation), then
 times --steps steps with a single sync at the end. MFU uses the README's FLOPs-per-token formula
@@ -30,7 +30,8 @@ import numpy as np
 from fgpt_jax import sharding as shd
 from fgpt_jax.config import apply_overrides, load_config, split_config_args
 from fgpt_jax.metrics import mfu, peak_flops
-from fgpt_jax.train import build_setup
+from fgpt_jax.data import Batch
+from fgpt_jax.train.step import build_setup
 
 VARIANTS = {
     "base": [], "xla": ["model.attention=xla"], "cudnn": ["model.attention=cudnn"],
@@ -51,14 +52,14 @@ def bench_one(cfg, steps: int, warmup: int, mesh) -> dict:
     setup = build_setup(cfg, mesh)
     state = setup.init(None)
     rng = np.random.default_rng(0)
-    tokens = shd.global_batch(rng.integers(0, 50257, (t.grad_accum, micro, T + 1), dtype=np.int32),
-                              shd.batch_sharding(mesh, 3, batch_axis=1))
+    host = Batch.of_tokens(rng.integers(0, 50257, (t.grad_accum, micro, T + 1), dtype=np.int32))
+    batch = Batch(*(shd.global_batch(x, shd.batch_sharding(mesh, 3, batch_axis=1)) for x in host))
     for _ in range(warmup):  # the first call compiles
-        state, metrics = setup.train_step(state, tokens, None)
+        state, metrics = setup.train_step(state, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):  # no host sync inside: dispatch runs ahead, as in the trainer
-        state, metrics = setup.train_step(state, tokens, None)
+        state, metrics = setup.train_step(state, batch)
     loss = float(jax.device_get(metrics["train/loss"]))
     elapsed = time.perf_counter() - start
     tok_s = steps * t.batch_size * T / elapsed

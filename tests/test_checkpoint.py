@@ -14,14 +14,14 @@ from fgpt_jax.checkpoint import CheckpointError, Checkpoints, load_model, save_m
 from fgpt_jax.config import Config, save_config
 from fgpt_jax.model import GPT, GPTConfig
 from fgpt_jax.optim import OptimConfig, make_optimizer
-from fgpt_jax.train_step import init_train_state
+from fgpt_jax.train.step import init_train_state
 
 CFG = GPTConfig.preset("tiny", n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=512)
 
 
 def _state(cfg=CFG, seed=0):
     tx = make_optimizer(OptimConfig(), 10)
-    return init_train_state(GPT(cfg, rngs=nnx.Rngs(seed)), tx, seed)[1]
+    return init_train_state(GPT(cfg, rngs=nnx.Rngs(seed)), tx, seed)
 
 
 def _abstract(state):
@@ -144,6 +144,6 @@ def test_readers_leave_a_save_in_progress_alone(tmp_path):
     in_flight = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1700000000000000"
     in_flight.mkdir()
     load_model(tmp_path)
-    from fgpt_jax.checkpoint import checkpoint_steps
-    assert checkpoint_steps(tmp_path) == [1]
+    from fgpt_jax.rundir import RunDir
+    assert RunDir(tmp_path).checkpoint_steps() == [1]
     assert in_flight.is_dir()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from fgpt_jax.data import DataConfig
-from fgpt_jax.data.sampler import TrainSampler, val_batches
+from fgpt_jax.data.bundled import resolve
+from fgpt_jax.data.loader import WindowLoader, val_windows
 from fgpt_jax.data.shards import ShardError, open_shards
 from fgpt_jax.data.sources import DataError, TextSource, strip_gutenberg
 from fgpt_jax.data.writer import write_shards
@@ -137,19 +138,19 @@ def test_bundled_sample_builds_once_atomically(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("FGPT_JAX_CACHE", str(cache))
     # Two processes racing for the first build: both succeed, one directory, no temp left.
-    code = "from fgpt_jax.data.sample import sample_dir; print(sample_dir())"
+    code = "from fgpt_jax.data.bundled import corpus_dir; print(corpus_dir())"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "FGPT_JAX_CACHE": str(cache)}) for _ in range(2)]
     outs = [p.communicate()[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1]
     assert os.listdir(cache) == [os.path.basename(outs[0])]
-    train, val = open_shards("sample", "train"), open_shards("sample", "val")
+    train, val = open_shards(resolve("tinyshakespeare"), "train"), open_shards(resolve("sample"), "val")
     assert train.path == outs[0] and 250_000 < train.num_tokens < 320_000 and 20_000 < val.num_tokens < 60_000
     cfg = DataConfig()
-    s = TrainSampler(train, 64, 4, seed=cfg.seed)
-    assert next(s).shape == (4, 65)
-    assert len(val_batches(val, 64, 4, cfg.val_windows)) > 10
+    s = WindowLoader(train, 64, 4, seed=cfg.seed)
+    assert next(s).tokens.shape == (4, 65)
+    assert len(val_windows(val, 64, 4, cfg.val_windows)) > 10
     # A half-built directory left by something else is replaced, not trusted.
     shutil.rmtree(outs[0])
     os.makedirs(outs[0])
-    assert open_shards("sample", "val").num_tokens == val.num_tokens
+    assert open_shards(resolve("tinyshakespeare"), "val").num_tokens == val.num_tokens

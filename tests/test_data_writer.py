@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fgpt_jax.data import writer as writer_mod  # noqa: E402
 from fgpt_jax.data.shards import open_shards  # noqa: E402
 from fgpt_jax.data.sources import DataError, files_source  # noqa: E402
-from fgpt_jax.data.writer import is_val, write_shards  # noqa: E402
+from fgpt_jax.data import in_val_split as is_val  # noqa: E402
+from fgpt_jax.data.writer import write_shards  # noqa: E402
 from fgpt_jax.tokenizer import get_tokenizer  # noqa: E402
 
 CSV = os.path.join(os.path.dirname(__file__), "data", "fineweb_edu_sample10BT_150docs_llm_scored.csv")
@@ -91,7 +92,7 @@ def test_split_by_id_is_disjoint_and_stable(corpus):
     assert not val_ids & train_ids and 3 <= len(val_ids) <= 30
     # sha256, not Python's salted hash(): another interpreter must agree.
     keys = [r["id"] for r in rows[:40]]
-    code = ("import json,sys; from fgpt_jax.data.writer import is_val; "
+    code = ("import json,sys; from fgpt_jax.data import in_val_split as is_val; "
             "print(json.dumps([is_val(k, 0.1) for k in json.load(sys.stdin)]))")
     out = subprocess.run([sys.executable, "-c", code], input=json.dumps(keys), capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONHASHSEED": "123"})

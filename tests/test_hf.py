@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 from fgpt_jax import hf
 from fgpt_jax.checkpoint import load_model, save_model
 from fgpt_jax.hf import HFError
+from fgpt_jax.hf.__main__ import main as hf_main
 
 L, D, NH, NP, V = 2, 64, 2, 32, 50257  # layers, width, heads, positions, GPT-2 vocab
 IDS = np.array([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]], dtype=np.int32)
@@ -194,7 +195,7 @@ def test_import_storage_variants(tmp_path, params, storage):
 def test_cli_import_export(tmp_path, params, capsys):
     src = tmp_path / "src"
     write_checkpoint(src, params, prefix="", buffers=True, lm_head=True)
-    assert hf.main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    assert hf_main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_layer"] == L
     # `python -m` for real once (the entry point), in-process otherwise (a subprocess costs ~4 s of imports).
     run = lambda *a: subprocess.run([sys.executable, "-m", "fgpt_jax.hf", *map(str, a)],  # noqa: E731
@@ -206,27 +207,27 @@ def test_cli_import_export(tmp_path, params, capsys):
     exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert all(np.array_equal(exported["transformer." + k], v) for k, v in params.items())
     # Errors: exit 2 and one line, no traceback.
-    assert hf.main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    assert hf_main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --out ") and "not empty" in err and err.strip().count("\n") == 0
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["import", "--hf", "x"], "--out"),
+    (["import", "--hf", "x"], "--run"),
     (["export", "--run", "nowhere", "--out", "y"], "--run nowhere"),
     (["import", "--hf", "/no/such/dir", "--out", "y"], "--hf /no/such/dir: no such directory"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_cli_bad_arguments_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as e:
-        sys.exit(hf.main(argv))
+        sys.exit(hf_main(argv))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and needle in err and err.strip().count("\n") == 0
 
 
 def test_cli_help():
     with pytest.raises(SystemExit) as e:
-        hf.main(["export", "--help"])
+        hf_main(["export", "--help"])
     assert e.value.code == 0
 
 
@@ -352,7 +353,7 @@ def test_export_never_leaves_a_complete_looking_directory(tmp_path, imported, mo
 def test_derived_bpe_files_are_openais():
     """vocab.json/merges.txt derived from the shipped ranks are byte-for-byte OpenAI's encoder.json
     and vocab.bpe: the sha256 tiktoken's gpt2() pins for them."""
-    from fgpt_jax.hf_tokenizer import gpt2_bpe_files
+    from fgpt_jax.hf.tokenizer_files import gpt2_bpe_files
     encoder_json, vocab_bpe = gpt2_bpe_files()
     assert hashlib.sha256(encoder_json.encode()).hexdigest() == \
         "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -361,7 +362,7 @@ def test_derived_bpe_files_are_openais():
 
 
 def test_tokenizer_files_special_tokens(tok):
-    from fgpt_jax.hf_tokenizer import tokenizer_files
+    from fgpt_jax.hf.tokenizer_files import tokenizer_files
     files = tokenizer_files(50304, 1024)
     vocab = json.loads(files["vocab.json"])
     assert len(vocab) == 50257 and vocab["<|endoftext|>"] == tok.eot_id and vocab["Ġthe"] == tok.encode(" the")[0]

@@ -1,13 +1,11 @@
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
-from fgpt_jax.metrics import MetricsWriter, format_line, mfu, peak_flops
+from fgpt_jax.metrics import MetricsWriter, Throughput, format_line, mfu, peak_flops, read_metrics
 from fgpt_jax.model import GPTConfig
-from fgpt_jax.plot import plot
+from fgpt_jax.rundir import RunDir
 
 
 def test_peak_flops_table():
@@ -30,14 +28,14 @@ def test_mfu_gpt2_example():
 
 
 def test_writer_truncates_on_resume(tmp_path):
-    w = MetricsWriter(tmp_path)
+    w = MetricsWriter(RunDir(tmp_path))
     for s in range(1, 6):
         w.log(s, {"train/loss": 10 - s, "lr": 1e-3})
     w.log(5, {"samples": "Once upon a time"})
     w.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "train/lo')  # a line cut short by a crash
-    w = MetricsWriter(tmp_path, resume_step=3)
+    w = MetricsWriter(RunDir(tmp_path), keep_through=3)
     w.log(4, {"train/loss": 1.0})
     w.close()
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -50,14 +48,31 @@ def test_format_line():
     assert format_line(1, 2, {"train/loss": 1.0}, eta_s=3725.2) == "step 1/2 | loss 1.0000 | eta 1:02:05"
 
 
-def test_plot_cli(tmp_path):
-    w = MetricsWriter(tmp_path)
-    for s in range(1, 21):
-        w.log(s, {"train/loss": 10 / s, "lr": 1e-3 * s, "lr_muon": 0.02})
-        if s % 5 == 0:
-            w.log(s, {"val/loss": 11 / s, "hellaswag/acc_norm": 0.25 + s / 100})
+def test_fresh_start_drops_an_earlier_attempts_entries(tmp_path):
+    """A run restarted from scratch (it crashed before its first checkpoint) must not show its steps twice."""
+    w = MetricsWriter(RunDir(tmp_path))
+    for s in range(0, 4):
+        w.log(s, {"train/loss": 1.0})
     w.close()
-    out = plot(tmp_path)
-    assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.plot", str(tmp_path / "nope")], capture_output=True, text=True)
-    assert r.returncode == 2 and "metrics.jsonl: not found" in r.stderr
+    w = MetricsWriter(RunDir(tmp_path))  # keep_through=-1: a fresh start
+    w.log(0, {"val/loss": 2.0})
+    w.close()
+    assert read_metrics(tmp_path) == [{"step": 0, "val/loss": 2.0}]
+
+
+def test_read_metrics_skips_what_is_not_a_step_object(tmp_path):
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1, "x": 1}\n[1, 2]\n"text"\n{"step": "2"}\n\xff\xfe\n{"step": 3}\n')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 3]
+
+
+def test_throughput_times_steps_not_compilation_or_hooks(monkeypatch):
+    clock = iter([0.0, 100.0, 101.0, 400.0, 401.0, 402.0])
+    monkeypatch.setattr("fgpt_jax.metrics.time.perf_counter", lambda: next(clock))
+    t = Throughput(tokens_per_step=1000, flops_per_token=1.0, n_devices=1, peak=None)
+    assert t.tick(1, report=True) == {}  # step 1 includes compilation: it only starts the clock
+    assert t.tick(2, report=False) == {} and t.rate == pytest.approx(1000 / 100)
+    assert t.tick(3, report=True)["tokens_per_sec"] == pytest.approx(2000 / 101)
+    t.pause()  # a checkpoint or an evaluation ran
+    assert t.tick(4, report=True) == {}
+    assert t.tick(5, report=False) == {}
+    assert t.tick(6, report=True)["tokens_per_sec"] == pytest.approx(2000 / 2)

@@ -1,39 +1,103 @@
-"""Data pipeline: documents -> uint16 token shards -> training windows.
+"""The data stage: documents -> uint16 token shards -> batches; conversations -> rows -> batches.
 
-Modules: `sources` (FineWeb-Edu from the Hub, local jsonl/json/parquet/csv/txt, plain text with
-Project Gutenberg stripping), `writer` (parallel, resumable, atomic tokenisation into shards and
-manifest.json), `shards` (manifest validation, memmapped reading), `sampler` (grain training
-sampler with checkpointable state, fixed validation windows), `sample` (the bundled Tiny
-Shakespeare corpus, tokenised into a cache on first use), `hellaswag` (evaluation items), `chat`
-(conversations for instruction tuning: sources, masks, packing, sampler).
+Modules, in the order data flows through them:
+  sources        documents: FineWeb-Edu from the Hub, local jsonl/json/parquet/csv/txt, plain text (Gutenberg)
+  writer         tokenise documents into shards + manifest.json (parallel, resumable, atomic)
+  shards         the shard format: manifest validation, memmapped reading, window gathering
+  bundled        the bundled Tiny Shakespeare corpus, tokenised into a cache on first use
+  loader         batches: random token windows (pretraining), rows of a fixed table (SFT), fixed val batches
+  pipeline       from a DataConfig to the training loader and validation batches
+  conversations  instruction data: Alpaca/messages records -> rendered, filtered, split, packed rows
+  hellaswag      HellaSwag items (official jsonl, checked download; llama.cpp's text format)
 CLI: `python -m fgpt_jax.data --help`.
+
+This file holds the stage's shared nouns, which every module above may import (and which import
+none of them): the config, the batch type, and the two hashing rules that make the data
+deterministic (seed derivation and the train/validation split), and the cache directory.
 """
 
+from __future__ import annotations
+
+import hashlib
+import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+FORMATS = ("tokens", "chat")
 
 
 @dataclass
 class DataConfig:
     """Where training data comes from and how it is read (batch size and block size live elsewhere)."""
-    path: str = "sample"  # shard directory holding manifest.json, or "sample" for the bundled Tiny Shakespeare
-    seed: int = 0  # sampler seed: the window permutation and per-epoch offsets derive from it
+
+    path: str = "tinyshakespeare"  # shard directory holding manifest.json, or "tinyshakespeare" (the bundled corpus); chat: a file or Hub dataset; "": none recorded
+    seed: int = 0  # loader seed: the window permutation and per-epoch offsets derive from it
     prefetch: int = 2  # batches prepared ahead by background threads (0: none)
     read_threads: int = 1  # background threads gathering batches from the memmapped shards
     val_windows: int = 1280  # fixed validation windows (capped by the val split, rounded to whole batches)
-    verify: bool = False  # check every shard's full sha256 on open (slow for large corpora)
-    format: Literal["tokens", "chat"] = "tokens"  # tokens: pretraining shards; chat: conversations for SFT
-    max_prompt_tokens: int = 0  # chat: drop conversations with more non-assistant tokens (0: no limit)
-    max_response_tokens: int = 0  # chat: drop conversations with more assistant tokens (0: no limit)
+    verify: bool = False  # check every shard's full sha256 on open (slow for large corpora; the fingerprint check always runs)
+    format: Literal["tokens", "chat"] = "tokens"  # tokens: pretraining shards; chat: conversations (SFT)
+    max_prompt_tokens: int = 0  # chat: drop records with more non-reply tokens (0: no limit)
+    max_response_tokens: int = 0  # chat: drop records with more reply tokens (0: no limit)
     pack: bool = True  # chat: pack several conversations per row (else one per row, padded)
-    val_fraction: float = 0.05  # chat: share of conversations held out for the masked val loss
-    limit: int = 0  # chat: use only the first N conversations of the source (0: all)
+    val_fraction: float = 0.05  # chat: share of records held out for validation
+    limit: int = 0  # chat: use only the first N records of the source (0: all)
 
     def __post_init__(self):
-        if self.format not in ("tokens", "chat"):
-            raise ValueError(f"DataConfig: format={self.format!r} must be 'tokens' or 'chat'")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"DataConfig: val_fraction={self.val_fraction} must be in [0, 1)")
+        problems = []
+        if self.format not in FORMATS:
+            problems.append(f"format={self.format!r} must be one of {', '.join(FORMATS)}")
+        if not 0 <= self.val_fraction < 1:  # also refuses nan
+            problems.append(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        for name in ("prefetch", "max_prompt_tokens", "max_response_tokens", "limit"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("read_threads", "val_windows"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if problems:
+            raise ValueError("DataConfig: " + "; ".join(problems))
 
 
-__all__ = ["DataConfig"]
+class Batch(NamedTuple):
+    """What every loader yields and every step consumes (a pytree: jit, shard and scan see its leaves).
+
+    tokens int32 [..., B, T + 1]: inputs are tokens[..., :-1], targets tokens[..., 1:].
+    mask float32 [..., B, T]: 1 where the target token counts in the loss, 0 where it does not
+    (prompt and padding in SFT). Pretraining batches carry all ones, so there is one program.
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+
+    @classmethod
+    def of_tokens(cls, tokens: np.ndarray) -> "Batch":
+        """A batch in which every target token counts (pretraining)."""
+        tokens = np.asarray(tokens, np.int32)
+        return cls(tokens, np.ones(tokens.shape[:-1] + (tokens.shape[-1] - 1,), np.float32))
+
+
+def derive(seed: int, *parts) -> int:
+    """A 64-bit integer from (seed, parts): stable across processes and machines, unlike hash()."""
+    h = hashlib.sha256(":".join(str(p) for p in (seed,) + parts).encode()).digest()
+    return int.from_bytes(h[:8], "big")
+
+
+def in_val_split(key: str | bytes, val_fraction: float) -> bool:
+    """The train/validation rule for documents and conversations: sha256 of the
+    record's key (a document id or text, a rendering's bytes) read as a fraction of 2^64, below
+    `val_fraction`. The same on every machine and run; identical records land in the same split."""
+    if val_fraction <= 0:
+        return False
+    h = hashlib.sha256(key if isinstance(key, bytes) else key.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(h[:8], "big") < val_fraction * 2.0**64
+
+
+def cache_root() -> str:
+    """Where downloads and derived files are cached: $FGPT_JAX_CACHE, default ~/.cache/fgpt_jax."""
+    return os.environ.get("FGPT_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fgpt_jax")
+
+
+__all__ = ["DataConfig", "Batch", "derive", "in_val_split", "cache_root", "FORMATS"]

@@ -3,7 +3,7 @@
   python -m fgpt_jax.data fineweb --out data/edu10B --name sample-10BT
   python -m fgpt_jax.data fineweb --out data/mine --files docs/*.parquet --text-field text
   python -m fgpt_jax.data text books/*.txt --out data/books
-  python -m fgpt_jax.data sample            # build the bundled Tiny Shakespeare shards
+  python -m fgpt_jax.data bundled           # build the bundled Tiny Shakespeare shards; print their directory
   python -m fgpt_jax.data check data/edu10B --verify
 """
 
@@ -14,21 +14,7 @@ import json
 import os
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump: the message names the flag
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+from fgpt_jax import cli
 
 
 def _fraction(text: str) -> float:
@@ -36,28 +22,29 @@ def _fraction(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0.0 <= value < 1.0:
+    if not 0.0 <= value < 1.0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
 
 
 def _common(p: argparse.ArgumentParser, val_fraction: float) -> None:
     p.add_argument("--out", required=True, help="output directory (shards + manifest.json); rerun to resume")
-    p.add_argument("--shard-tokens", type=_positive_int, default=100_000_000,
+    p.add_argument("--shard-tokens", type=cli.positive_int, default=100_000_000,
                    help="tokens per shard (default 100,000,000 = 200 MB as uint16)")
     p.add_argument("--val-fraction", type=_fraction, default=val_fraction,
                    help=f"fraction of documents sent to validation by hash of id/text (default {val_fraction})")
-    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=cli.positive_int, default=os.cpu_count() or 1,
                    help="tokeniser processes (default: all cores; 1 tokenises in this process)")
-    p.add_argument("--max-tokens", type=_positive_int, default=None,
+    p.add_argument("--max-tokens", type=cli.positive_int, default=None,
                    help="stop after the document that brings the total to N tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m fgpt_jax.data", description=__doc__,
+    parser = cli.Parser(prog="python -m fgpt_jax.data", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fineweb,text,sample,check}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fineweb,text,bundled,check}",
+                                parser_class=cli.Parser)
 
     p = sub.add_parser("fineweb", help="FineWeb-Edu from the Hub (streamed), or local files with --files")
     p.add_argument("--name", default="sample-10BT",
@@ -76,16 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep Project Gutenberg headers/licences (stripped by default when markers are present)")
     _common(p, 0.1)
 
-    sub.add_parser("sample", help="tokenise the bundled Tiny Shakespeare into the cache; print its directory")
+    sub.add_parser("bundled", aliases=["sample"],
+                   help="tokenise the bundled Tiny Shakespeare into the cache; print its directory")
 
     p = sub.add_parser("check", help="validate a shard directory and print its manifest summary")
-    p.add_argument("dir", help="shard directory (or 'sample')")
+    p.add_argument("dir", help="shard directory (or 'tinyshakespeare')")
     p.add_argument("--verify", action="store_true", help="also check every shard's full sha256")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fgpt_jax.data.bundled import resolve
     from fgpt_jax.data.shards import SPLITS, ShardError, open_shards
     from fgpt_jax.data.sources import DataError, TextSource, files_source, hub_source
     from fgpt_jax.data.writer import write_shards
@@ -103,14 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             summary = {s: {k: m["splits"][s][k] for k in ("num_tokens", "num_documents")} | {
                 "shards": len(m["splits"][s]["shards"])} for s in SPLITS}
             print(json.dumps({"out": args.out, **summary}))
-        elif args.command == "sample":
-            from fgpt_jax.data.sample import sample_dir
-            print(sample_dir(progress=True))
+        elif args.command in ("bundled", "sample"):
+            from fgpt_jax.data.bundled import corpus_dir
+            print(corpus_dir(progress=True))
         else:
             out = {}
             for split in SPLITS:
                 try:
-                    s = open_shards(args.dir, split, verify=args.verify)
+                    s = open_shards(resolve(args.dir), split, verify=args.verify)
                     out[split] = {"num_tokens": s.num_tokens, "num_documents": s.num_documents, "shards": len(s.files)}
                 except ShardError as e:
                     if "has no tokens" not in str(e):

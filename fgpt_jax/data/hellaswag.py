@@ -33,6 +33,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fgpt_jax.data import cache_root
+
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 # Git blob ids (sha1 of b"blob <len>\0" + content) of the official files at rowanz/hellaswag@a29ff8e9.
 # Only the val id is known in full; train's is checked by its published prefix. The test split
@@ -65,7 +67,6 @@ def preprocess(text: str) -> str:
 
 
 def cache_dir() -> Path:
-    from fgpt_jax.data.sample import cache_root  # late: sample imports the shard writer
     return Path(cache_root()) / "hellaswag"
 
 

@@ -154,14 +154,10 @@ class ShardSet:
 
 
 def open_shards(path: str, split: str, verify: bool = False) -> ShardSet:
-    """The validated, memmapped shards of `split` ("train" or "val") in directory `path`.
-
-    `path="sample"` is the bundled Tiny Shakespeare corpus, tokenised into the cache on first use."""
+    """The validated, memmapped shards of `split` ("train" or "val") in directory `path`
+    (`fgpt_jax.data.bundled.resolve` turns the bundled corpus's name into its directory)."""
     if split not in SPLITS:
         raise ShardError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
-    if path == "sample":
-        from fgpt_jax.data.sample import sample_dir  # late: avoids an import cycle
-        path = sample_dir()
     manifest = read_manifest(path)
     entries = manifest["splits"][split]["shards"]
     if not entries:

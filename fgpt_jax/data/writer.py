@@ -1,8 +1,7 @@
 """Tokenise documents into uint16 shards: parallel, resumable, atomic.
 
-Each document becomes `<|endoftext|> + tokens` and goes to validation when the first 8 bytes of
-sha256(key) (key = id, or text), read as a fraction, fall below `val_fraction`: stable across
-processes and machines, and no document is in both splits. Each split fills shards of exactly
+Each document becomes `<|endoftext|> + tokens` and goes to validation by `in_val_split(key)`
+(key = id, or text): stable across processes and machines, and no document is in both splits. Each split fills shards of exactly
 `shard_tokens` tokens (a document may continue in the next shard); the last shard is shorter.
 
 Tokenisation runs in a process pool: on the 35 Gutenberg books (2 cores) tiktoken's threaded
@@ -32,21 +31,13 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from fgpt_jax.data import in_val_split
 from fgpt_jax.data.shards import DTYPE, FORMAT, MANIFEST, SPLITS, VERSION, fingerprint, shard_name
 from fgpt_jax.data.sources import DataError
 from fgpt_jax.tokenizer import get_tokenizer
 
 PROGRESS = ".progress.json"
 _CHUNK_CHARS = 1_000_000  # ~250k tokens per task: small enough to balance workers, large enough to amortise IPC
-
-
-def is_val(key: str | bytes, val_fraction: float) -> bool:
-    """Deterministic split: sha256 (not Python's salted hash()) of the document key (text, id, or
-    the bytes of a rendered conversation)."""
-    if val_fraction <= 0:
-        return False
-    h = hashlib.sha256(key if isinstance(key, bytes) else key.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(h[:8], "big") < val_fraction * 2.0**64
 
 
 def pack(token_lists: list[list[int]], eot_id: int) -> np.ndarray:
@@ -261,7 +252,7 @@ def write_shards(source, out_dir: str, shard_tokens: int = 100_000_000, val_frac
                     chunks = None
                     break
                 docs, src_state = nxt
-                flags = np.array([is_val(k, val_fraction) for k, _ in docs], dtype=bool)
+                flags = np.array([in_val_split(k, val_fraction) for k, _ in docs], dtype=bool)
                 pending.append((flags, src_state, tokeniser.submit([t for _, t in docs])))
             if not pending:
                 break

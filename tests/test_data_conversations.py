@@ -1,4 +1,4 @@
-"""Chat (SFT) data: loading, rendering, masks, filters, split, packing, sampler, validation batches."""
+"""Chat (SFT) data: loading, rendering, masks, filters, split and packing into rows."""
 
 import itertools
 import json
@@ -8,13 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from fgpt_jax.data.chat import (
-    ChatSampler,
-    ChatSplit,
-    build_chat_data,
-    chat_val_batches,
-    load_conversations,
-)
+from fgpt_jax.data.conversations import build_chat_data, load_conversations
+from fgpt_jax.data.loader import Rows
 from fgpt_jax.data.sources import DataError
 
 RASCHKA = os.path.join(os.path.dirname(__file__), "data", "instruction-examples.json")
@@ -40,7 +35,7 @@ def mixed(raschka):
     return raschka[:80] + [_chat(i, turns=1 + i % 3, system=i % 2 == 0) for i in range(40)]
 
 
-def _segments(split: ChatSplit, eot: int):
+def _segments(split: Rows, eot: int):
     """Conversations recovered from rows: (ids, target-aligned mask) split at <|endoftext|>."""
     out = []
     for tokens, mask in zip(split.tokens, split.mask):
@@ -227,86 +222,3 @@ def test_packing_fills_rows_and_padding_is_one_per_row(raschka):
     assert packed.stats["train_fill_fraction"] > 0.85
     assert packed.train.mask.sum() == padded.train.mask.sum()
     assert padded.val.num_rows == 0 and padded.val.tokens.shape == (0, 129)
-
-
-# -- sampler --------------------------------------------------------------------------------------
-def _split(n_rows: int, T: int = 7) -> ChatSplit:
-    # Row r holds r everywhere, so a batch names its rows.
-    tokens = np.repeat(np.arange(n_rows, dtype=np.int32)[:, None], T + 1, 1)
-    return ChatSplit(tokens=tokens, mask=(tokens[:, 1:] % 2).astype(np.float32), num_conversations=n_rows)
-
-
-def test_sampler_deterministic_and_each_epoch_a_permutation():
-    split = _split(10)
-    a, b, c = ChatSampler(split, 4, seed=3), ChatSampler(split, 4, seed=3), ChatSampler(split, 4, seed=4)
-    batches = [next(a) for _ in range(10)]  # 40 rows = 4 epochs
-    for k, (x, m) in enumerate(batches):
-        assert x.shape == (4, 8) and x.dtype == np.int32 and m.shape == (4, 7) and m.dtype == np.float32
-        np.testing.assert_array_equal(m, (x[:, 1:] % 2).astype(np.float32))
-        np.testing.assert_array_equal(x, next(b)[0])
-        np.testing.assert_array_equal(x, a.batch(k)[0])
-    rows = np.concatenate([x[:, 0] for x, _ in batches])
-    epochs = rows.reshape(4, 10)
-    for e in epochs:
-        assert sorted(e.tolist()) == list(range(10))
-    assert len({tuple(e) for e in epochs}) > 1  # a fresh permutation each epoch
-    assert any(not np.array_equal(x, next(c)[0]) for x, _ in batches)
-
-
-def test_sampler_fewer_rows_than_batch_wraps():
-    s = ChatSampler(_split(3), 8, seed=0, prefetch=0)
-    rows = np.concatenate([next(s)[0][:, 0] for _ in range(3)])  # 24 rows = 8 epochs of 3
-    for e in rows.reshape(8, 3):
-        assert sorted(e.tolist()) == [0, 1, 2]
-
-
-def test_sampler_resume_is_exact_and_refuses_other_data():
-    split = _split(13)
-    straight = ChatSampler(split, 4, seed=1)
-    ref = [next(straight)[0] for _ in range(9)]
-    first = ChatSampler(split, 4, seed=1)
-    for _ in range(5):
-        next(first)
-    state = json.loads(json.dumps(first.get_state()))
-    assert state["step"] == 5
-    resumed = ChatSampler(split, 4, seed=1)
-    resumed.set_state(state)
-    for k in range(5, 9):
-        np.testing.assert_array_equal(next(resumed)[0], ref[k])
-    other = _split(13)
-    other.mask[0, 0] = 1 - other.mask[0, 0]  # same shape, different content
-    for sampler in (ChatSampler(other, 4, seed=1), ChatSampler(_split(14), 4, seed=1),
-                    ChatSampler(split, 4, seed=2), ChatSampler(split, 8, seed=1)):
-        with pytest.raises(ValueError, match="chat data state"):
-            sampler.set_state(state)
-
-
-def test_sampler_process_slices_make_the_global_batch():
-    split = _split(11)
-    full = ChatSampler(split, 6, seed=2)
-    parts = [ChatSampler(split, 6, seed=2, process_index=p, process_count=3) for p in range(3)]
-    for _ in range(4):
-        x, m = next(full)
-        xs = [next(p) for p in parts]
-        assert all(px.shape == (2, 8) for px, _ in xs)
-        np.testing.assert_array_equal(np.concatenate([px for px, _ in xs]), x)
-        np.testing.assert_array_equal(np.concatenate([pm for _, pm in xs]), m)
-    with pytest.raises(ValueError):
-        ChatSampler(split, 5, process_count=2)
-    with pytest.raises(ValueError, match="no rows"):
-        ChatSampler(_split(0), 4)
-
-
-def test_val_batches_fixed_shape_zero_mask_padding(tok):
-    split = _split(10)
-    batches = chat_val_batches(split, 4)
-    assert len(batches) == 3 and all(x.shape == (4, 8) and m.shape == (4, 7) for x, m in batches)
-    x = np.concatenate([b[0] for b in batches])
-    m = np.concatenate([b[1] for b in batches])
-    np.testing.assert_array_equal(x[:10], split.tokens)
-    np.testing.assert_array_equal(m[:10], split.mask)
-    assert (x[10:] == tok.eot_id).all() and (m[10:] == 0).all()
-    halves = [chat_val_batches(split, 4, process_index=p, process_count=2) for p in range(2)]
-    for k in range(3):
-        np.testing.assert_array_equal(np.concatenate([halves[0][k][0], halves[1][k][0]]), batches[k][0])
-    assert chat_val_batches(_split(0), 4) == []

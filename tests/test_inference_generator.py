@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fgpt_jax.generate import Generator, TextStreamer
+from fgpt_jax.inference.generator import Generator, TextStreamer
 from fgpt_jax.model import GPT, GPTConfig, init_cache
-from fgpt_jax.sampling import filter_logits, sample_token
+from fgpt_jax.inference.sampling import filter_logits, sample_token
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from flax import nnx
 
 from fgpt_jax.checkpoint import save_model
 from fgpt_jax.config import Config
-from fgpt_jax.eval import main
+from fgpt_jax.eval.__main__ import main
 from fgpt_jax.model import GPT, GPTConfig
 
 DATA = Path(__file__).parent / "data" / "hellaswag_val_200.txt"
@@ -58,7 +58,7 @@ def test_val_cli(run_dir, capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["hellaswag", "--data", "/nonexistent/hellaswag.jsonl"], "error: /nonexistent/hellaswag.jsonl: file not found"),
-    (["hellaswag", "--limit", "0"], "error: argument --limit: expected a positive integer, got 0"),
+    (["hellaswag", "--limit", "0"], "error: argument --limit: expected a positive integer, got '0'"),
     (["val", "--step", "99"], "error: --step 99: not in"),
 ])
 def test_bad_input_exits_2_with_one_line(run_dir, capsys, argv, expected):

@@ -27,7 +27,7 @@ from fgpt_jax.tokenizer import EOT, RANKS_FILE, SPECIAL_TOKENS, _check_ranks_fil
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 
-# Chat template of DESIGN.md (Phi-3 style), so `apply_chat_template` renders what `render_chat` does.
+# The chat template of docs/design.md (Phi-3 style), so `apply_chat_template` renders what `render_chat` does.
 CHAT_TEMPLATE = (
     "{{ '<|endoftext|>' }}"
     "{% for message in messages %}"

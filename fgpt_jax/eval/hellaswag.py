@@ -1,6 +1,6 @@
-"""Evaluation as library functions: HellaSwag accuracy and validation loss / perplexity.
+"""HellaSwag accuracy: a bucketed, jitted, device-sharded scorer.
 
-HellaSwag. Each item is a context and 4 endings; the model scores each ending as a continuation
+Each item is a context and 4 endings; the model scores each ending as a continuation
 of the context (context tokens = encode(ctx), ending tokens = encode(" " + ending), truncated from
 the left to block_size) and picks one by three rules:
   acc            largest sum of the ending's token log-probs (lm-eval-harness `acc`)
@@ -21,19 +21,13 @@ float64. Batches are split over all devices of the mesh by whole items; with sev
 each process passes its own slice of every global batch and the (small) result is replicated, so
 every process returns the same metrics.
 
-Validation: the mean next-token loss over the fixed validation windows of the run's shards
-(`val_batches`), and its exponential, the perplexity.
-
 Shapes: N items, E=4 endings, R rows per batch (4 per item), L bucket length, S devices,
 K gathered ending positions per device, D width, V vocabulary.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -47,9 +41,8 @@ from tqdm import tqdm
 
 from fgpt_jax import sharding as shd
 from fgpt_jax.data.hellaswag import N_ENDINGS, Example, load_examples
-from fgpt_jax.train_step import make_eval_step, token_losses
-
-EVAL_LOG = "eval.jsonl"
+from fgpt_jax.loss import token_losses
+from fgpt_jax.tokenizer import get_tokenizer
 
 
 def default_buckets(block_size: int, smallest: int = 64) -> tuple[int, ...]:
@@ -87,7 +80,7 @@ class _Bucket:
 class HellaSwagScorer:
     """Pre-tokenised, bucketed HellaSwag items; `scorer(graphdef, params) -> metrics dict`.
 
-    Build once (tokenising 10,042 items takes ~1 s), call every N training steps: each bucket's
+    Build once (it tokenises every item), call every N training steps: each bucket's
     function is traced and compiled on the first call only (`compiles` counts traces).
     """
 
@@ -98,9 +91,7 @@ class HellaSwagScorer:
             raise ValueError("HellaSwagScorer: no examples")
         if block_size < 2:
             raise ValueError(f"block_size={block_size}: need at least 2 positions to score a token")
-        if tokenizer is None:
-            from fgpt_jax.tokenizer import get_tokenizer
-            tokenizer = get_tokenizer()
+        tokenizer = tokenizer or get_tokenizer()
         self.mesh = mesh if mesh is not None else shd.make_mesh()
         self.block_size, self.progress, self.compiles = block_size, progress, 0
         self.buckets = tuple(sorted(set(buckets or default_buckets(block_size))))
@@ -237,88 +228,3 @@ class HellaSwagScorer:
         """{n, acc, acc_norm, acc_token_avg} of the model (graphdef, params)."""
         lp_NE, ntok_NE = self.score_endings(graphdef, params)
         return hellaswag_metrics(lp_NE, ntok_NE, self.nbytes_NE, self.labels_N)
-
-
-def evaluate_val(graphdef: nnx.GraphDef, params, cfg, max_tokens: int | None = None,
-                 batch_size: int | None = None, mesh: Mesh | None = None, progress: bool = False) -> dict:
-    """{tokens, loss, ppl} over the validation windows of `cfg.data.path` (all, or ~max_tokens)."""
-    from fgpt_jax.data.sampler import val_batches
-    from fgpt_jax.data.shards import open_shards
-
-    mesh = mesh if mesh is not None else shd.make_mesh()
-    S = mesh.size
-    seq_len = cfg.train.seq_len or cfg.model.block_size
-    shards = open_shards(cfg.data.path, "val", verify=cfg.data.verify)
-    available = shards.num_tokens // (seq_len + 1)
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"--max-tokens: expected a positive number, got {max_tokens}")
-    n = available if max_tokens is None else min(available, max(1, max_tokens // seq_len))
-    if n < S:
-        raise ValueError(f"{shards.path}: only {n} validation windows of {seq_len + 1} tokens; need at least "
-                         f"one per device ({S})")
-    batch = batch_size or cfg.train.batch_size // cfg.train.grad_accum
-    batch = -(-batch // S) * S
-    if n < batch:
-        batch = n - n % S  # one batch, still split evenly over the devices
-    batches = val_batches(shards, seq_len, batch, n, process_index=jax.process_index(),
-                          process_count=jax.process_count())
-    eval_step = make_eval_step(graphdef)
-    sharding = shd.batch_sharding(mesh, 2)
-    total, count, pending = 0.0, 0.0, None
-    for local in tqdm(batches, desc="val", unit="batch", file=sys.stderr,
-                      disable=not (progress and jax.process_index() == 0)):
-        out = eval_step(params, shd.global_batch(local, sharding))
-        if pending is not None:
-            total, count = total + float(pending[0]), count + float(pending[1])
-        pending = out
-    total, count = total + float(pending[0]), count + float(pending[1])
-    loss = total / max(count, 1.0)
-    return {"tokens": int(count), "loss": loss, "ppl": math.exp(loss)}
-
-
-# -- whole-run helpers (what the CLI calls) ------------------------------------------------------
-
-def load_for_eval(run_dir: str | Path, step: int | None = None):
-    """(graphdef, params, cfg, step) of a run directory, parameters placed replicated on the mesh."""
-    from fgpt_jax.checkpoint import checkpoint_steps, load_model
-    steps = checkpoint_steps(run_dir)
-    if step is None and steps:
-        step = steps[-1]
-    model, cfg = load_model(run_dir, step)
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = jax.device_put(params, NamedSharding(shd.make_mesh(), P()))
-    return graphdef, params, cfg, step
-
-
-def run_hellaswag(run_dir: str | Path, step: int | None = None, data: str | Path | None = None,
-                  limit: int | None = None, batch_size: int = 32, preprocess_mode: str = "harness",
-                  progress: bool = True) -> dict:
-    """Score a run's checkpoint on HellaSwag; the result record (also appended to eval.jsonl)."""
-    examples = load_examples(data, limit, preprocess_mode)  # bad input fails before the model loads
-    graphdef, params, cfg, step = load_for_eval(run_dir, step)
-    scorer = HellaSwagScorer(examples, cfg.model.block_size, batch_size=batch_size, progress=progress)
-    t0 = time.perf_counter()
-    result = scorer(graphdef, params)
-    record = {"task": "hellaswag", "step": step, **result,
-              "data": str(data) if data is not None else "hellaswag_val.jsonl (official)",
-              "preprocess": preprocess_mode, "seconds": round(time.perf_counter() - t0, 3)}
-    append_record(run_dir, record)
-    return record
-
-
-def run_val(run_dir: str | Path, step: int | None = None, max_tokens: int | None = None,
-            batch_size: int | None = None, progress: bool = True) -> dict:
-    """Validation loss and perplexity of a run's checkpoint; the record (also appended to eval.jsonl)."""
-    graphdef, params, cfg, step = load_for_eval(run_dir, step)
-    result = evaluate_val(graphdef, params, cfg, max_tokens, batch_size, progress=progress)
-    record = {"task": "val", "step": step, **result, "data": cfg.data.path}
-    append_record(run_dir, record)
-    return record
-
-
-def append_record(run_dir: str | Path, record: dict) -> None:
-    """One JSON line in RUN_DIR/eval.jsonl (process 0 only), with the wall-clock time."""
-    if jax.process_index() != 0:
-        return
-    with open(Path(run_dir) / EVAL_LOG, "a", encoding="utf-8") as f:
-        f.write(json.dumps({**record, "time": time.time()}) + "\n")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fgpt_jax.config import apply_overrides, load_config, load_run_config
-from fgpt_jax.train import TrainingError, train, with_base_model
+from fgpt_jax.config import apply_overrides, load_config, load_run_config, resolve_config
+from fgpt_jax.train import TrainingError, train
 
 DATA = Path(__file__).parent / "data"
 MODEL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.block_size=64"]
@@ -28,12 +28,12 @@ def base_run(tmp_path_factory):
     return run
 
 
+SFT = ["train.batch_size=8", "train.log_every=5", "train.ckpt_every=0", "train.sample_tokens=8",
+       "optim.warmup_steps=2", "data.max_prompt_tokens=0", "data.max_response_tokens=0"]
+
+
 def sft_config(base, *extra):
-    cfg = apply_overrides(load_config("sft"), [f"init_from={base}"])
-    return apply_overrides(with_base_model(cfg), ["train.batch_size=8", "train.log_every=5", "train.ckpt_every=0",
-                                                  "train.sample_tokens=8", "optim.warmup_steps=2",
-                                                  "data.max_prompt_tokens=0", "data.max_response_tokens=0",
-                                                  *extra])
+    return resolve_config("sft", [f"init_from={base}", *SFT, *extra])
 
 
 def test_sft_masked_val_loss_falls(base_run, tmp_path):
@@ -70,21 +70,15 @@ def test_chat_cli_answers_and_stops_at_end(base_run, tmp_path):
     assert one.returncode == 0 and one.stdout == "Paris is the capital.\n"
 
 
-def test_chat_session_trims_oldest_turns(base_run):
-    from fgpt_jax.chat import ChatSession
-    from fgpt_jax.checkpoint import load_model
-    from fgpt_jax.generate import Generator
-    model, cfg = load_model(base_run)  # block_size 64
-    s = ChatSession(Generator.from_model(model), system="Be brief.", max_new_tokens=16, temperature=0)
-    for i in range(6):
-        s.history += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i}"}]
-    s.history.append({"role": "user", "content": "last one"})
-    ids = s.context_ids()
-    assert len(ids) <= cfg.model.block_size - 16
-    assert s.history[-1]["content"] == "last one" and s.history[0]["content"] != "question 0 " * 3
-    from fgpt_jax.tokenizer import get_tokenizer
-    assert get_tokenizer().decode(ids).startswith("<|endoftext|><|system|>Be brief.<|end|>")
-    assert ids[-1] == get_tokenizer().assistant_id
+def test_python_train_resolves_like_the_cli(base_run, tmp_path):
+    """train(load_config("sft") + init_from) from Python takes the base run's model, as the CLI does."""
+    cfg = apply_overrides(load_config("sft"), [f"init_from={base_run}", *SFT, "train.steps=2", "train.eval_every=0",
+                                                f"data.path={DATA / 'instruction-examples.json'}"])
+    assert cfg.model is None
+    train(cfg, tmp_path)
+    assert load_run_config(tmp_path).model == load_run_config(base_run).model
+    remat = resolve_config("sft", [f"init_from={base_run}", "model.remat=true"])  # model.* applies on top
+    assert remat.model.remat and remat.model.n_layer == 2
 
 
 def test_init_from_other_shape_fails(base_run, tmp_path):

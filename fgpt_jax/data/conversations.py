@@ -1,4 +1,4 @@
-"""Instruction-tuning data: conversations -> rendered, filtered, split, packed rows -> batches.
+"""Instruction-tuning data: conversations -> rendered, filtered, split, packed rows.
 
 Sources. `load_conversations` reads Alpaca records (`instruction`, `input`, `output`: Raschka's
 instruction JSON, yahma/alpaca-cleaned) and chat records (`messages`: a list of {role, content}
@@ -10,7 +10,7 @@ standard library rather than `datasets`' json builder: pyarrow's schema inferenc
 record into an opaque cast error, while we must name the file and record index.
 
 Rendering and filters. Every conversation goes through `Tokenizer.render_chat` (the one template,
-DESIGN.md). Its tokens split in two disjoint sets that add up to the rendered length:
+docs/design.md). Its tokens split in two disjoint sets that add up to the rendered length:
   response tokens = the supervised ones (loss mask 1): assistant content and each turn's <|end|>;
   prompt tokens   = all the others: the leading <|endoftext|>, every role token (<|assistant|>
                     included), system and user content and their <|end|>.
@@ -34,27 +34,24 @@ steps per epoch at the same batch size: scale the batch down (or the steps up) t
 Packed conversations share a row's causal attention (a later one can attend to an earlier one
 across the <|endoftext|> separator), exactly as documents do in pretraining.
 
-Sampling. `ChatSampler` mirrors `TrainSampler`: a fresh permutation of the rows each epoch, batch k
-a pure function of (seed, k), grain's iterator with a checkpointable state.
+Batches. `fgpt_jax.data.loader.RowLoader` reads the rows (a fresh permutation each epoch, batch k a
+pure function of (seed, k), a checkpointable state) and `val_rows` the fixed validation batches.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 
-from fgpt_jax.data.sampler import StepSampler, derive
+from fgpt_jax.data import derive, in_val_split
+from fgpt_jax.data.loader import Rows
 from fgpt_jax.data.sources import DataError
-from fgpt_jax.data.writer import is_val
 from fgpt_jax.tokenizer import get_tokenizer
 
-STATE_VERSION = 1
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 ROLES = ("system", "user", "assistant")
 
@@ -160,33 +157,10 @@ def load_conversations(path: str, limit: int | None = None) -> list[list[dict]]:
 
 # -- rendering, filters, split, layout -------------------------------------------------------------
 @dataclass
-class ChatSplit:
-    """Fixed-shape rows: `tokens` int32 [N, T + 1], `mask` float32 [N, T] aligned with tokens[:, 1:]."""
-    tokens: np.ndarray
-    mask: np.ndarray
-    num_conversations: int
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.tokens.shape[1]) - 1
-
-    @cached_property
-    def content_hash(self) -> str:
-        """sha256 of the rows (tokens and mask): identifies the data a sampler state belongs to."""
-        h = hashlib.sha256(np.ascontiguousarray(self.tokens, np.int32).tobytes())
-        h.update(np.ascontiguousarray(self.mask, np.float32).tobytes())
-        return h.hexdigest()[:16]
-
-
-@dataclass
 class ChatData:
     """Train and validation rows, and `stats` (a JSON-serialisable dict of what was kept and dropped)."""
-    train: ChatSplit
-    val: ChatSplit
+    train: Rows
+    val: Rows
     stats: dict = field(default_factory=dict)
 
 
@@ -225,7 +199,7 @@ def _pack(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def _layout(rendered: list[tuple[list[int], list[int]]], seq_len: int, pack: bool, eot_id: int) -> ChatSplit:
+def _layout(rendered: list[tuple[list[int], list[int]]], seq_len: int, pack: bool, eot_id: int) -> Rows:
     width = seq_len + 1
     groups = _pack([len(ids) for ids, _ in rendered], width) if pack else [[i] for i in range(len(rendered))]
     tokens = np.full((len(groups), width), eot_id, np.int32)
@@ -238,7 +212,7 @@ def _layout(rendered: list[tuple[list[int], list[int]]], seq_len: int, pack: boo
             t += len(ids)
     # Aligned with the targets: mask[:, t] says whether tokens[:, t + 1] is supervised. Dropping
     # loss[:, 0] loses nothing: every row starts with a conversation's <|endoftext|> (mask 0).
-    return ChatSplit(tokens=tokens, mask=np.ascontiguousarray(loss[:, 1:]), num_conversations=len(rendered))
+    return Rows(tokens=tokens, mask=np.ascontiguousarray(loss[:, 1:]), num_records=len(rendered))
 
 
 def build_chat_data(convs: list[list[dict]], seq_len: int, *, max_prompt_tokens: int = 0,
@@ -267,7 +241,7 @@ def build_chat_data(convs: list[list[dict]], seq_len: int, *, max_prompt_tokens:
             stats["dropped_too_long"] += 1
         else:
             stats["kept"] += 1
-            splits["val" if is_val(np.asarray(ids, np.int32).tobytes(), val_fraction) else "train"].append((ids, m))
+            splits["val" if in_val_split(np.asarray(ids, np.int32).tobytes(), val_fraction) else "train"].append((ids, m))
     train = splits["train"]
     order = np.random.default_rng([derive(seed, "chat-shuffle")]).permutation(len(train))
     data = ChatData(train=_layout([train[i] for i in order], seq_len, pack, tok.eot_id),
@@ -275,75 +249,10 @@ def build_chat_data(convs: list[list[dict]], seq_len: int, *, max_prompt_tokens:
     for name in ("train", "val"):
         s = getattr(data, name)
         used = sum(len(ids) for ids, _ in splits[name])
-        stats |= {f"{name}_conversations": s.num_conversations, f"{name}_rows": s.num_rows,
+        stats |= {f"{name}_conversations": s.num_records, f"{name}_rows": s.num_rows,
                   f"{name}_supervised_tokens": int(s.mask.sum()),
                   f"{name}_fill_fraction": round(used / max(1, s.num_rows * (seq_len + 1)), 4)}
     stats |= {"seq_len": seq_len, "pack": pack, "max_prompt_tokens": max_prompt_tokens,
               "max_response_tokens": max_response_tokens, "val_fraction": val_fraction, "seed": seed}
     data.stats = stats
     return data
-
-
-# -- batches --------------------------------------------------------------------------------------
-class ChatSampler(StepSampler):
-    """Iterates forever over `(tokens[local_batch, T + 1] int32, mask[local_batch, T] float32)`.
-
-    Global row g = k B + i (step k, row i) is row perm_e[g mod N] of epoch e = g // N: every row
-    once per epoch, a fresh permutation each epoch, batches that wrap into the next epoch when N < B.
-    Process p reads rows [p B/P, (p+1) B/P) of each global batch."""
-
-    kind = "chat data"
-
-    def __init__(self, split: ChatSplit, global_batch_size: int, seed: int = 0, process_index: int = 0,
-                 process_count: int = 1, prefetch: int = 2):
-        if split.num_rows < 1:
-            raise ValueError("ChatSampler: the split has no rows (every conversation filtered out?)")
-        self.split, self.seed = split, int(seed)
-        self._tables: dict[int, np.ndarray] = {}
-        super().__init__(global_batch_size, process_index, process_count, prefetch)
-
-    def _table(self, epoch: int) -> np.ndarray:
-        table = self._tables.get(epoch)
-        if table is None:
-            table = np.random.default_rng([derive(self.seed, "chat-rows", epoch)]).permutation(self.split.num_rows)
-            if len(self._tables) > 8:  # a batch spans at most B/N + 2 epochs; keep a few
-                self._tables.clear()
-            self._tables[epoch] = table
-        return table
-
-    def rows(self, g: np.ndarray) -> np.ndarray:
-        """Row indices of global rows g."""
-        epoch_g, j_g = np.divmod(np.asarray(g, np.int64), self.split.num_rows)
-        out = np.empty_like(j_g)
-        for epoch in np.unique(epoch_g):
-            sel = epoch_g == epoch
-            out[sel] = self._table(int(epoch))[j_g[sel]]
-        return out
-
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """This process's rows of global batch `step`."""
-        r = self.rows(self.local_rows(step))
-        return self.split.tokens[r], self.split.mask[r]
-
-    def _identity(self) -> dict:
-        return {"version": STATE_VERSION, "kind": "chat", "seed": self.seed,
-                "global_batch_size": self.global_batch_size, "num_rows": self.split.num_rows,
-                "content_hash": self.split.content_hash}
-
-
-def chat_val_batches(split: ChatSplit, batch_size: int, process_index: int = 0,
-                     process_count: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every row in order, in batches of `batch_size` (global; a process gets its rows of each).
-
-    The last batch is filled up with <|endoftext|> rows whose mask is all 0, so every batch has the
-    same shape and the padding adds nothing to a masked loss sum or token count."""
-    if batch_size < 1 or batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} must be positive and divisible by process_count {process_count}")
-    n = split.num_rows
-    n_pad = -n % batch_size
-    tokens = np.concatenate([split.tokens, np.full((n_pad, split.seq_len + 1), get_tokenizer().eot_id, np.int32)])
-    mask = np.concatenate([split.mask, np.zeros((n_pad, split.seq_len), np.float32)]).astype(np.float32)
-    local = batch_size // process_count
-    return [(tokens[b + process_index * local: b + (process_index + 1) * local],
-             mask[b + process_index * local: b + (process_index + 1) * local])
-            for b in range(0, n + n_pad, batch_size)]

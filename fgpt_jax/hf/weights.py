@@ -1,7 +1,4 @@
-"""Hugging Face transformers GPT-2 interop: import OpenAI's checkpoints, export ours.
-
-    python -m fgpt_jax.hf import --hf openai-community/gpt2 --out runs/gpt2-hf
-    python -m fgpt_jax.hf export --run runs/sft --out hf/sft
+"""transformers GPT-2 checkpoints <-> our parameters: import OpenAI's checkpoints, export ours.
 
 Both directions are plain tensor renames, no torch needed (safetensors' numpy API): transformers'
 GPT-2 uses Conv1D, whose weight is (in, out) like a Flax kernel, so no matrix is transposed, and
@@ -23,12 +20,10 @@ export: transformers ignores them on load and builds the mask itself, as its own
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +33,8 @@ import numpy as np
 from flax import nnx
 
 from fgpt_jax.config import Config
+from fgpt_jax.data import DataConfig
+from fgpt_jax.hf.tokenizer_files import tokenizer_files
 from fgpt_jax.model import GPT, GPTConfig, abstract_model, named_leaves, param_name
 from fgpt_jax.tokenizer import END, EOT, SPECIAL_TOKENS
 
@@ -282,7 +279,8 @@ def from_hf(path_or_name: str, revision: str | None = None) -> tuple[GPT, Config
                           f"equal values): our LM head is the embedding")
     wte = arrays["wte/embedding"]
     arrays["wte/embedding"] = np.concatenate([wte, np.broadcast_to(vocab_fill(wte), (OUR_VOCAB - V, wte.shape[1]))])
-    return _build(gcfg, arrays), Config(name=_run_name(path_or_name), model=gcfg)
+    # data.path "": the run records no training data, so `eval val` asks for --data instead of guessing.
+    return _build(gcfg, arrays), Config(name=_run_name(path_or_name), model=gcfg, data=DataConfig(path=""))
 
 
 def _run_name(path_or_name: str) -> str:
@@ -338,7 +336,6 @@ def to_hf(model: GPT, config: Config | GPTConfig, path: str | os.PathLike, vocab
     """
     from safetensors.numpy import save_file
 
-    from fgpt_jax.hf_tokenizer import tokenizer_files
     gcfg = config.model if isinstance(config, Config) else config
     if gcfg != model.config:
         raise HFError("config: does not describe this model (config.model != model.config)")
@@ -379,65 +376,3 @@ def to_hf(model: GPT, config: Config | GPTConfig, path: str | os.PathLike, vocab
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block: scripts and users read the reason only
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fgpt_jax.hf", description="Convert between transformers GPT-2 checkpoints and run directories.")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    imp = sub.add_parser("import", help="a transformers GPT-2 checkpoint -> a run directory",
-                         description="Read a transformers GPT-2 checkpoint (gpt2 .. gpt2-xl) into a run directory "
-                                     "that eval, generate, chat and --config.init_from accept.")
-    imp.add_argument("--hf", required=True, metavar="PATH_OR_NAME",
-                     help="local directory with config.json + model.safetensors (or pytorch_model.bin, needs torch), "
-                          "or a Hub name such as openai-community/gpt2 (downloaded with huggingface_hub)")
-    imp.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
-    imp.add_argument("--revision", default=None, help="Hub branch, tag or commit (Hub names only)")
-    exp = sub.add_parser("export", help="a run directory -> a transformers GPT-2 directory",
-                         description="Write config.json, model.safetensors and tokenizer files that "
-                                     "transformers' GPT2LMHeadModel / AutoTokenizer.from_pretrained load.")
-    exp.add_argument("--run", required=True, metavar="DIR", help="run directory to export")
-    exp.add_argument("--out", required=True, metavar="HF_DIR", help="directory to create (must not exist or be empty)")
-    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    exp.add_argument("--vocab-size", type=int, default=None,
-                     help=f"embedding rows to write, {GPT2_VOCAB}..{OUR_VOCAB} (default: all rows, minus trailing "
-                          f"rows still holding the import fill, so an imported GPT-2 exports at {GPT2_VOCAB})")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from fgpt_jax.checkpoint import CheckpointError, load_model, save_model
-    from fgpt_jax.config import ConfigError
-    args = _parser().parse_args(argv)
-    try:
-        if args.cmd == "import":
-            out = Path(args.out)
-            if (out / "checkpoints").is_dir() and any(p.name.isdigit() for p in (out / "checkpoints").iterdir()):
-                raise HFError(f"--out {out}: already holds checkpoints; choose another directory")
-            model, cfg = from_hf(args.hf, revision=args.revision)
-            save_model(out, model, cfg, step=0, meta={"source": "huggingface", "hf": args.hf, "revision": args.revision})
-            print(json.dumps({"run": str(out), "hf": args.hf, "n_layer": cfg.model.n_layer,
-                              "n_embd": cfg.model.n_embd, "block_size": cfg.model.block_size}))
-        else:
-            if not Path(args.run).is_dir():
-                raise HFError(f"--run {args.run}: no such directory")
-            model, cfg = load_model(args.run, step=args.step)
-            out = to_hf(model, cfg, args.out, vocab_size=args.vocab_size)
-            with open(out / "config.json") as f:
-                V = json.load(f)["vocab_size"]
-            print(json.dumps({"hf_dir": str(out), "run": args.run, "vocab_size": V}))
-    except (HFError, ConfigError, CheckpointError, OSError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -79,12 +79,14 @@ def test_tensorboard_events_read_back(straight_run):
 
 
 def test_loaded_model_reproduces_val_loss(straight_run):
-    from fgpt_jax.data.sampler import val_batches
+    from fgpt_jax.data.bundled import resolve
+    from fgpt_jax.data.loader import val_windows
     from fgpt_jax.data.shards import open_shards
-    from fgpt_jax.train_step import token_losses
+    from fgpt_jax.loss import token_losses
     run, last = straight_run
     model, cfg = load_model(run)
-    batches = val_batches(open_shards(cfg.data.path, "val"), cfg.model.block_size, 4, cfg.data.val_windows)
+    batches = [b.tokens for b in val_windows(open_shards(resolve(cfg.data.path), "val"), cfg.model.block_size, 4,
+                                             cfg.data.val_windows)]
     total = sum(float(token_losses(model(b[:, :-1]), b[:, 1:]).sum()) for b in batches)
     n = sum(b[:, 1:].size for b in batches)
     assert total / n == pytest.approx(last["val/loss"], rel=1e-5)

@@ -1,0 +1,5 @@
+"""The eval stage: how good a model is, during training (hooks) and after it (`python -m fgpt_jax.eval`).
+
+  perplexity  validation loss and perplexity: the one implementation the trainer and the CLI share
+  hellaswag   HellaSwag accuracy (acc, acc_norm, acc_token_avg) with a bucketed, jitted, sharded scorer
+"""

@@ -1,0 +1,12 @@
+"""The train stage: the jitted step, the hook-driven loop, and `python -m fgpt_jax.train`.
+
+  step     TrainState, the jitted donated train step (scanned micro-batches), `build_setup`
+  hooks    periodic work: validation loss, checkpoint, HellaSwag, text samples
+  trainer  `train(cfg, run_dir)`: wires data, setup and hooks, and runs the loop
+
+`from fgpt_jax.train import train` is the Python entry point; the CLI is `__main__`.
+"""
+
+from fgpt_jax.train.trainer import Trainer, TrainingError, train
+
+__all__ = ["train", "Trainer", "TrainingError"]

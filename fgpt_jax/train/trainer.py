@@ -1,0 +1,295 @@
+"""The training loop: `train(cfg, run_dir)` wires data, setup and hooks; `Trainer.run` steps.
+
+One loop for pretraining and fine-tuning (the batch always carries its loss mask). The loop never
+waits on the device inside a step: it dispatches step t, then reads step t-1's metrics (finished by
+then) to log them and to stop on a NaN/inf loss or gradient norm before anything bad is saved.
+When hooks are due (validation, checkpoint, HellaSwag, text sample; see hooks.py) the pending
+step's metrics are checked first, then the hooks run in their fixed order. A SIGTERM or Ctrl-C
+finishes the current step, saves a checkpoint and exits with status 130 (SIGINT) or 143 (SIGTERM);
+`--resume` continues from the latest checkpoint exactly as if the run had never stopped.
+
+Nothing is written into the run directory (config.json, metrics, logs) until every check has
+passed: the lock is held, the config resolved, the data opened and the checkpoint restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+from flax import nnx
+from tqdm import tqdm
+
+from fgpt_jax import sharding as shd
+from fgpt_jax.checkpoint import Checkpoints, load_model
+from fgpt_jax.config import Config, resolve_config
+from fgpt_jax.data import Batch
+from fgpt_jax.data.pipeline import open_data
+from fgpt_jax.loss import make_eval_step
+from fgpt_jax.metrics import MetricsWriter, Throughput, format_line, peak_flops
+from fgpt_jax.rundir import RunDir
+from fgpt_jax.train import hooks as H
+from fgpt_jax.train.step import build_setup
+
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (bad setup or a diverged loss); the message says why in one line."""
+
+
+class StopSignal:
+    """Set by SIGTERM/SIGINT; the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last checkpoint is intact)
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Console:
+    """Lines for the user: printed (above the progress bar on a terminal) and appended to train.log.
+    Lines logged before the run directory may be written (while checks run) are held back."""
+
+    def __init__(self, run: RunDir, enabled: bool):
+        self.run, self.enabled, self.open, self._held = run, enabled, False, []
+        self.tty = enabled and sys.stdout.isatty()
+
+    def __call__(self, text: str, file_only: bool = False) -> None:
+        if not self.enabled:
+            return
+        if not file_only:
+            tqdm.write(text)
+        if self.open:
+            self.run.append_log(text)
+        else:
+            self._held.append(text)
+
+    def start(self) -> None:
+        """The checks passed: the run directory is ours to write."""
+        self.open = True
+        for text in self._held:
+            self.run.append_log(text)
+        self._held = []
+
+
+def _check_base(cfg: Config) -> None:
+    base = RunDir(cfg.init_from).read_config().model
+    diffs = [f"{f} {getattr(cfg.model, f)} vs {getattr(base, f)}" for f in SHAPE_FIELDS
+             if getattr(cfg.model, f) != getattr(base, f)]
+    if diffs:
+        raise TrainingError(f"init_from {cfg.init_from}: model shape differs from the base run ({', '.join(diffs)}); "
+                            f"set model to None in the config (take the base run's model) or match it")
+
+
+def _check_run(cfg: Config, run: RunDir, resume: bool) -> None:
+    """Refuse to overwrite a run without --resume, to resume nothing, or to resume another model."""
+    if run.has_checkpoints() and not resume:
+        raise TrainingError(f"--run {run}: already holds checkpoints; pass --resume to continue it, "
+                            f"or choose another run directory")
+    if resume and not run.has_checkpoints():
+        raise TrainingError(f"--resume: no checkpoint in {run.checkpoints}")
+    if resume and run.read_config().model != cfg.model:
+        raise TrainingError(f"--resume: the model config differs from {run.config_path}; "
+                            f"resume with the run's own config (drop the model overrides)")
+
+
+class Trainer:
+    """One run in progress: its state, data, jitted step and hooks. Built by `train`."""
+
+    def __init__(self, cfg: Config, run: RunDir, resume: bool, on_step: Callable | None):
+        self.cfg, self.rundir, self.on_step = cfg, run, on_step
+        t = cfg.train
+        self.is_main = jax.process_index() == 0
+        self.console = Console(run, self.is_main)
+        self.seq_len = t.seq_len or cfg.model.block_size
+        if self.seq_len > cfg.model.block_size:
+            raise TrainingError(f"train.seq_len={self.seq_len} exceeds model.block_size={cfg.model.block_size}")
+        self.mesh = shd.make_mesh()
+        micro = t.batch_size // t.grad_accum
+        if micro % self.mesh.size:
+            raise TrainingError(f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch must be "
+                                f"divisible by the {self.mesh.size} devices")
+        if cfg.init_from and not resume:
+            _check_base(cfg)
+        _check_run(cfg, run, resume)
+
+        data = open_data(cfg.data, self.seq_len, t.batch_size, micro, jax.process_index(), jax.process_count())
+        if data.stats:
+            self.console(f"data {cfg.data.path}: " + ", ".join(f"{k} {v}" for k, v in data.stats.items()))
+        for note in data.notes:
+            self.console(note)
+        self.loader = data.loader
+        self.setup = build_setup(cfg, self.mesh)
+        self.checkpoints = Checkpoints(run.checkpoints, keep_last=t.keep_checkpoints)
+        if resume:
+            self.start = self.checkpoints.latest_step()
+            self.state, loader_state = self.checkpoints.restore(self.start, self.setup.abstract_state)
+            self.loader.set_state(loader_state)
+            self.console(f"resumed from step {self.start} ({run.checkpoints / str(self.start)})")
+        else:
+            self.start = 0
+            base = None
+            if cfg.init_from:
+                base = nnx.state(load_model(cfg.init_from)[0], nnx.Param)
+                self.console(f"initialised from {cfg.init_from}")
+            self.state = self.setup.init(base)
+        self.batch_sharding = shd.batch_sharding(self.mesh, 3, batch_axis=1)
+
+        self.val = H.ValLoss(t.eval_every, make_eval_step(self.setup.graphdef), data.val, self.mesh) if data.val else None
+        self.hooks: list[H.Hook] = [h for h in (self.val, H.Checkpoint(t.ckpt_every, self.checkpoints, self.loader))
+                                    if h is not None]
+        if t.hellaswag_every:
+            from fgpt_jax.eval.hellaswag import HellaSwagScorer  # tokenises and packs the items once
+            scorer = HellaSwagScorer.from_file(t.hellaswag_data or None, block_size=cfg.model.block_size,
+                                               limit=t.hellaswag_limit or None, batch_size=micro, mesh=self.mesh)
+            self.hooks.append(H.HellaSwag(t.hellaswag_every, scorer, self.setup.graphdef))
+        self.hooks.append(H.TextSample(t.sample_every, self.setup.graphdef, t.sample_prompt,
+                                       min(t.sample_tokens, cfg.model.block_size - 1), chat=cfg.data.format == "chat"))
+
+        # Every check has passed: from here on the run directory is written.
+        if self.is_main:
+            run.write_config(cfg)
+            self.console.start()
+        self.writer = MetricsWriter(run, keep_through=self.start if resume else -1, enabled=self.is_main)
+        tokens_per_step = t.batch_size * self.seq_len
+        self.throughput = Throughput(tokens_per_step, cfg.model.flops_per_token(self.seq_len), self.mesh.size,
+                                     peak_flops())
+        self.last: dict = {}
+        self.console(f"{cfg.name}: {cfg.model.num_params() / 1e6:.2f}M parameters, {t.steps} steps of "
+                     f"{tokens_per_step:,} tokens ({t.grad_accum} x {micro} x {self.seq_len}), {self.mesh.size} "
+                     f"device(s) [{jax.devices()[0].device_kind}], {t.sharding}, optimizer {cfg.optim.name}")
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t = self.cfg.train
+        self.bar = tqdm(total=t.steps, initial=self.start, desc=self.cfg.name, unit="step", dynamic_ncols=True,
+                        disable=not self.console.tty)
+        pending = None  # (step, metrics on device) of the step dispatched before the current one
+        stopped = None
+        with StopSignal() as stop:
+            try:
+                if self.start == 0 and self.val is not None and t.eval_every:
+                    self._report(0, self.val(0, self.state, {}))  # the untrained baseline: curves start at 0
+                for step in range(self.start + 1, t.steps + 1):
+                    self.state, metrics = self.setup.train_step(self.state, self._device_batch(next(self.loader)))
+                    if pending is not None:
+                        self._finish(*pending)
+                    pending = (step, metrics)
+                    due = [h for h in self.hooks if h.due(step, t.steps, stop.signal is not None)]
+                    if not due:
+                        continue
+                    self._finish(*pending)  # the state is about to be read or saved: check this step first
+                    pending = None
+                    self._run_hooks(step, due)
+                    if stop.signal is not None:
+                        stopped = stop.signal
+                        self.console(f"stopped by signal {stopped} at step {step}; checkpoint saved. "
+                                     f"Continue with --resume")
+                        break
+                if pending is not None:
+                    self._finish(*pending)
+            finally:
+                self.bar.close()
+                self.checkpoints.close()  # waits for the async save in flight
+                self.writer.close()
+        if stopped is not None:
+            self.last["stopped_by_signal"] = stopped
+        return self.last
+
+    def _device_batch(self, batch: Batch) -> Batch:
+        """This process's rows, split into micro-batches [A, B/A, ...], as one global sharded array each."""
+        A = self.cfg.train.grad_accum
+        return Batch(*(shd.global_batch(x.reshape(A, -1, *x.shape[1:]), self.batch_sharding) for x in batch))
+
+    def _finish(self, step: int, metrics) -> None:
+        """Host side of `step`: NaN check, throughput, logging. Runs one step behind the device."""
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        # A finite loss with a non-finite gradient has already written NaNs into the parameters:
+        # either way, stop before anything from this step is saved.
+        bad = [k for k in ("train/loss", "grad_norm") if not math.isfinite(values[k])]
+        if bad:
+            raise TrainingError(f"step {step}: {bad[0]} is {values[bad[0]]}; stopping. The last good checkpoint "
+                                f"({self.checkpoints.latest_step()}) is intact: lower optim.lr / optim.muon_lr "
+                                f"and --resume, or restart")
+        t = self.cfg.train
+        logged = step % t.log_every == 0 or step == t.steps
+        values.update(self.throughput.tick(step, report=logged))
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{self.throughput.rate:,.0f}", refresh=False)
+        if self.on_step is not None:
+            self.on_step(step, values)
+        if logged:
+            self.writer.log(step, values)
+            self.last.update(step=step, **values)
+            tps = values.get("tokens_per_sec")
+            eta = (t.steps - step) * self.throughput.tokens_per_step / tps if tps else None
+            self.console(format_line(step, t.steps, values, eta), file_only=self.console.tty)
+
+    def _run_hooks(self, step: int, due: list[H.Hook]) -> None:
+        results: dict = {}
+        done: list[H.Hook] = []
+        try:
+            for hook in due:
+                result = hook(step, self.state, results)
+                done.append(hook)
+                self._report(step, result, results)
+        except BaseException:
+            # Whatever failed, a due checkpoint is still written before the error propagates.
+            failed = next((h for h in due if h not in done), None)
+            for hook in due:
+                if isinstance(hook, H.Checkpoint) and hook not in done and hook is not failed:
+                    hook(step, self.state, results)
+            raise
+        finally:
+            self.writer.flush()
+            self.throughput.pause()  # evaluation, sampling and saving are not training throughput
+
+    def _report(self, step: int, result: H.Result, results: dict | None = None) -> None:
+        if result.metrics:
+            self.writer.log(step, result.metrics)
+            self.last.update({k: v for k, v in result.metrics.items()})
+            if results is not None:
+                results.update(result.metrics)
+        if result.line:
+            self.console(result.line)
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False,
+          on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train `cfg` in `run_dir` (created if needed). Returns the last logged metrics.
+
+    `cfg` goes through `resolve_config` (a fine-tuning config with `model=None` takes its
+    `init_from` run's model), exactly as the CLI's does. `on_step(step, metrics)` runs on the host
+    after each step's metrics arrive (one step behind the device): a place for custom logging or
+    early stopping from a notebook.
+    """
+    cfg = resolve_config(cfg)
+    shd.initialize_distributed()
+    run = RunDir(run_dir)
+    # Process 0 holds the lock; the others write nothing but their share of each checkpoint.
+    with run.lock() if jax.process_index() == 0 else contextlib.nullcontext():
+        return Trainer(cfg, run, resume, on_step).run()
+
+
+__all__ = ["train", "Trainer", "TrainingError", "StopSignal"]
