@@ -4,20 +4,32 @@ Each checkpoint step directory holds four items:
   params  the model parameters (StandardSave of the nnx.State) — all that `load_model` reads
   train   every other field of the TrainState (optimizer state, step, PRNG key data), saved generically
   data    the loader's iterator state (JSON), so batch k after a restore is batch k of a straight run
-  meta    step, val loss and the time, for humans and for the best-by-val-loss policy
+  meta    step, val loss, the time, and a checksum of `params` and of `train`
 
 Orbax writes every step into a temporary directory and renames it when complete, so a crash or a
 full disk mid-save leaves only a temporary directory that is never listed or restored; the
 previous checkpoint is deleted by the keep-last-K policy only after the new one is finalised.
-Saves are asynchronous: the train loop continues while the arrays are written.
+Saves are asynchronous: the train loop continues while the arrays are written, and `poll()` (called
+every step) reports the save's completion, or its failure as one line naming the step and the cause.
+
+Checksums. Orbax stores arrays without a content check, so a flipped bit would restore silently.
+Every save records, per item, a sha256 over per-array position-weighted sums of the raw bits
+(computed on the device, one small transfer); every restore recomputes it and refuses a mismatch,
+naming the step and the earlier checkpoints to fall back to. Checkpoints written before 0.2 carry
+no checksum and are restored unchecked.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import re
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -30,6 +42,35 @@ from fgpt_jax.rundir import RunDir
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used here; the message says which and why."""
+
+
+def _bits_u32(x: jax.Array) -> jax.Array:
+    """The raw bits of an array as a flat uint32 vector (16-bit and 8-bit types widened)."""
+    width = jnp.dtype(x.dtype).itemsize
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[width]
+    if width == 8:  # two uint32 words per element
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _leaf_sums(tree) -> jax.Array:
+    """One uint32 per leaf: sum over elements of bits * (2654435761 * i + 1), wrapping. A flipped bit
+    or two swapped elements change it."""
+    def one(x):
+        bits = _bits_u32(jnp.asarray(x))
+        weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+        return jnp.sum(bits * weights, dtype=jnp.uint32)
+    leaves = jax.tree.leaves(tree)
+    return jnp.stack([one(x) for x in leaves]) if leaves else jnp.zeros((0,), jnp.uint32)
+
+
+def checksum(tree) -> str:
+    """A short hex digest of every array in `tree` (see the module docstring)."""
+    sums = np.asarray(jax.device_get(_leaf_sums(tree)), dtype="<u4")
+    return hashlib.sha256(sums.tobytes()).hexdigest()[:32]
 
 
 class Checkpoints:
@@ -56,6 +97,7 @@ class Checkpoints:
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
                     "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._pending: int | None = None  # the step of the async save in flight
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -63,55 +105,143 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, val_loss: float | None = None) -> None:
-        """Start an async save of `state` (a TrainState) at `step`; returns once arrays are copied."""
-        meta = {"step": int(step), "time": time.time()}
+    # -- writing -----------------------------------------------------------------------------------
+    def save(self, step: int, state, data_state: dict, val_loss: float | None = None) -> int | None:
+        """Start an async save of `state` (a TrainState) at `step`; returns once arrays are copied.
+        A save still in flight is waited for first (its failure raises here); returns its step."""
+        done = self.poll(wait=True)
+        train = _train_fields(state)
+        meta = {"step": int(step), "time": time.time(),
+                "checksum": {"params": checksum(state.params), "train": checksum(train)}}
         metrics = None
         if val_loss is not None and np.isfinite(val_loss):
-            meta["val_loss"] = metrics_val = float(val_loss)
-            metrics = {"val_loss": metrics_val}
-        self.manager.save(int(step), args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            train=ocp.args.StandardSave(_train_fields(state)),
-            data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta),
-        ), metrics=metrics, force=True)
+            meta["val_loss"] = float(val_loss)
+            metrics = {"val_loss": float(val_loss)}
+        try:
+            self.manager.save(int(step), args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                train=ocp.args.StandardSave(train),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta),
+            ), metrics=metrics, force=True)
+        except Exception as e:
+            raise self._save_failed(step, e) from e
+        self._pending = int(step)
+        return done
+
+    def poll(self, wait: bool = False) -> int | None:
+        """The step whose async save has completed since the last call (None if none, or if it is still
+        running and `wait` is False). A failed save raises CheckpointError naming the step and the cause."""
+        if self._pending is None or (not wait and self.manager.is_saving_in_progress()):
+            return None
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._save_failed(step, e) from e
+        return step
+
+    def _save_failed(self, step: int, e: Exception) -> CheckpointError:
+        kept = [s for s in self.steps() if s != step]
+        cause = _cause(e)
+        return CheckpointError(f"checkpoint {step}: save failed ({cause}); "
+                               f"{f'checkpoint {kept[-1]} is intact' if kept else 'no earlier checkpoint'}")
 
     def save_params(self, step: int, params, meta: dict | None = None) -> None:
         """A params-only checkpoint (an imported or exported model): loadable, not resumable."""
         self.manager.save(int(step), args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
-            meta=ocp.args.JsonSave({"step": int(step), "time": time.time(), **(meta or {})}),
+            meta=ocp.args.JsonSave({"step": int(step), "time": time.time(), **(meta or {}),
+                                    "checksum": {"params": checksum(params)}}),
         ), force=True)
 
+    # -- reading -----------------------------------------------------------------------------------
+    def read_json(self, step: int, item: str) -> dict:
+        """The `meta` or `data` item of a checkpoint ({} when absent)."""
+        if not (self.directory / str(step) / item).exists():
+            return {}
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        except Exception as e:
+            raise self._unreadable(step, e) from e
+        return out[item] or {}
+
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
-        """Restore (TrainState, data_state) at `step` into the shapes/shardings of `abstract_state`."""
+        """Restore (TrainState, loader state) at `step` into the shapes/shardings of `abstract_state`,
+        checked against the checksums saved with it."""
         check_shapes(self.item_shapes(step, "params"), abstract_state.params, self.directory / str(step))
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            train=ocp.args.StandardRestore(_train_fields(abstract_state)),
-            data=ocp.args.JsonRestore(),
-        ))
+        sums = self.read_json(step, "meta").get("checksum", {})
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                train=ocp.args.StandardRestore(_train_fields(abstract_state)),
+                data=ocp.args.JsonRestore(),
+            ))
+        except Exception as e:
+            raise self._unreadable(step, e) from e
+        self._verify(step, sums, params=out["params"], train=out["train"])
         return abstract_state.replace(params=out["params"], **out["train"]), out["data"]
 
     def restore_params(self, step: int, abstract_params):
         check_shapes(self.item_shapes(step, "params"), abstract_params, self.directory / str(step))
-        out = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+        sums = self.read_json(step, "meta").get("checksum", {})
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+        except Exception as e:
+            raise self._unreadable(step, e) from e
+        self._verify(step, sums, params=out["params"])
         return out["params"]
+
+    def _verify(self, step: int, sums: dict, **items) -> None:
+        for name, tree in items.items():
+            if name in sums and checksum(tree) != sums[name]:
+                raise CheckpointError(f"checkpoint {step}: {name} do not match their checksum (corrupt: changed "
+                                      f"on disk after saving); {self._fallback(step)}")
+
+    def _unreadable(self, step: int, e: Exception) -> CheckpointError:
+        cause = _cause(e)
+        return CheckpointError(f"checkpoint {step}: unreadable (truncated or corrupt: {cause}); {self._fallback(step)}")
+
+    def _fallback(self, step: int) -> str:
+        earlier = [s for s in self.steps() if s < step]
+        if not earlier:
+            return "no earlier checkpoint to fall back to"
+        return (f"earlier checkpoints: {', '.join(map(str, earlier))} (resume from one with --resume --step "
+                f"{earlier[-1]}; evaluate one with --step {earlier[-1]})")
 
     def item_shapes(self, step: int, item: str) -> dict[str, tuple]:
         """{path: shape} of a saved item, read from its metadata (no arrays loaded)."""
-        meta = self.manager.item_metadata(step)[item]
+        try:
+            meta = self.manager.item_metadata(step)[item]
+        except Exception as e:
+            raise self._unreadable(step, e) from e
+        if meta is None:
+            raise CheckpointError(f"checkpoint {step}: has no '{item}' item ({self.directory / str(step)})")
         tree = getattr(meta, "tree", meta)
         return {k: tuple(m.shape) for k, m in named_leaves(tree).items() if hasattr(m, "shape")}
 
     def wait(self) -> None:
-        """Block until every pending async save is on disk."""
-        self.manager.wait_until_finished()
+        """Block until every pending async save is on disk (raising CheckpointError if it failed)."""
+        self.poll(wait=True)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.poll(wait=True)
+        finally:
+            self.manager.close()
+
+
+def _cause(e: BaseException) -> str:
+    """The reason an orbax/tensorstore operation failed, short: an OS error's own words when there is
+    one (tensorstore buries "No space left on device" at the end of a 400-character message)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = " ".join(str(e).split())
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    return (text[:160] + "...") if len(text) > 160 else text or type(e).__name__
 
 
 def _train_fields(state) -> dict:

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import warnings
 from typing import Callable, Sequence
 
@@ -83,17 +84,25 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None, te
 
 
 def quiet_libraries() -> None:
-    """Silence the INFO/WARNING chatter of absl, orbax and jax that a user would read as errors
-    ("Given directory is read only", "setting save_interval_steps=0", ...). Real errors still raise."""
+    """Silence the chatter of absl, orbax, tensorstore and jax that a user would read as errors
+    ("Given directory is read only", "setting save_interval_steps=0", background-thread tracebacks
+    of a failed async save, ...). Our own code raises every error that matters and the CLI prints it
+    as one line; set FGPT_JAX_DEBUG=1 to see the libraries' logs and tracebacks again."""
+    if os.environ.get("FGPT_JAX_DEBUG"):
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for name in ("absl", "orbax", "jax._src.xla_bridge", "jax"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         from absl import logging as absl_logging
-        absl_logging.set_verbosity(absl_logging.ERROR)
+        absl_logging.set_verbosity(absl_logging.FATAL)
     except ImportError:
         pass
     warnings.filterwarnings("ignore", module="orbax")
+    # Exceptions in library threads (orbax's async writer, tensorstore callbacks on a closed event
+    # loop) and unraisable ones would print tracebacks after our one-line error.
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda unraisable: None
 
 
 def one_line(e: BaseException) -> str:
