@@ -2,7 +2,7 @@
 
     clip_by_global_norm -> partition by label:
         "muon":  Nesterov momentum -> Newton-Schulz orthogonalisation -> shape scale -> weight decay -> -muon_lr(t)
-        "adamw": Adam(b1, b2) -> weight decay on matrices (embeddings) only -> -lr(t)
+        "adamw": Adam(b1, b2) -> weight decay (matrices only, or every parameter) -> -lr(t)
 
 Labels are explicit, by parameter path (never by ndim alone: optax.contrib.muon's default would
 send the token embedding, a 2-D matrix, to Muon): attention qkv and output projections and the
@@ -16,8 +16,22 @@ kernels. The shape scale sqrt(max(1, fan_out / fan_in)) (Keller Jordan's max(1, 
 torch's (out, in) weights) is written here because optax keeps its `scale_by_shape` private.
 The attention qkv kernel (D, 3D) is orthogonalised as one matrix, as in FGPT.
 
+Weight decay is decoupled and multiplied by the learning rate before any shape scale, as in
+torch.optim.AdamW and torch.optim.Muon: theta <- theta * (1 - lr * wd). build-nanogpt (the GPT-2
+presets) decays matrices only; FGPT built `torch.optim.Muon(hidden, lr=0.03)` and
+`torch.optim.AdamW(rest, 3e-4, betas=(0.9, 0.95), weight_decay=0.1)`, i.e. PyTorch's default Muon
+decay 0.1 and AdamW decay on every parameter it holds, LayerNorms and biases included: the `fgpt`
+preset sets `muon_weight_decay=0.1, weight_decay_on="all"` (tests/test_optim.py checks the chain
+against torch's two optimizers step by step).
+
+`ns_dtype="bfloat16"` runs the Newton-Schulz iteration in bf16 (as torch.optim.Muon always does)
+while momentum stays float32; the optimizer state is the same either way, so it can change between
+resumes.
+
 The schedule is shared: both learning rates follow the same multiplier, linear warmup, an optional
-plateau, then cosine (or linear for warmup-stable-decay) to `min_lr_ratio`.
+plateau, then cosine (or linear for warmup-stable-decay) to `min_lr_ratio`. `restart_schedule`
+resets the schedules' step counters in an optimizer state and keeps the moments (and Adam's bias
+correction counts): a warm restart with a new schedule.
 """
 
 from __future__ import annotations
@@ -30,8 +44,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
-from optax.contrib import MuonDimensionNumbers, scale_by_muon
+from optax.contrib import MuonDimensionNumbers, MuonState, scale_by_muon
 
 from fgpt_jax.model import param_name
 
@@ -53,7 +66,9 @@ class OptimConfig:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW epsilon
-    weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only (not LayerNorms or biases)
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (multiplied by lr)
+    weight_decay_on: Literal["matrices", "all"] = "matrices"  # AdamW decay on matrices only (build-nanogpt) or on every AdamW parameter (FGPT, torch)
+    ns_dtype: Literal["float32", "bfloat16"] = "float32"  # Newton-Schulz compute dtype (momentum stays float32)
     grad_clip: float = 1.0  # global-norm clipping threshold (0 disables)
     schedule: Literal["cosine", "wsd"] = "cosine"  # decay shape after warmup and plateau: cosine or linear (WSD)
     warmup_steps: int = 715  # linear warmup from 0 to the peak
@@ -66,12 +81,24 @@ class OptimConfig:
             problems.append(f"name={self.name!r} must be 'muon' or 'adamw'")
         if self.schedule not in ("cosine", "wsd"):
             problems.append(f"schedule={self.schedule!r} must be 'cosine' or 'wsd'")
-        for f in ("lr", "muon_lr"):
-            if getattr(self, f) <= 0:
-                problems.append(f"{f}={getattr(self, f)} must be > 0")
-        for f in ("warmup_steps", "plateau_steps", "ns_steps", "grad_clip", "weight_decay", "muon_weight_decay"):
+        if self.weight_decay_on not in ("matrices", "all"):
+            problems.append(f"weight_decay_on={self.weight_decay_on!r} must be 'matrices' or 'all'")
+        if self.ns_dtype not in ("float32", "bfloat16"):
+            problems.append(f"ns_dtype={self.ns_dtype!r} must be 'float32' or 'bfloat16'")
+        for f in ("lr", "muon_lr"):  # `not x > 0` also refuses nan
+            if not (math.isfinite(getattr(self, f)) and getattr(self, f) > 0):
+                problems.append(f"{f}={getattr(self, f)} must be a finite number > 0")
+        for f in ("beta1", "beta2", "muon_momentum"):
+            if not 0 <= getattr(self, f) < 1:
+                problems.append(f"{f}={getattr(self, f)} must be in [0, 1)")
+        for f in ("eps", "grad_clip", "weight_decay", "muon_weight_decay"):
+            if not (math.isfinite(getattr(self, f)) and getattr(self, f) >= 0):
+                problems.append(f"{f}={getattr(self, f)} must be a finite number >= 0")
+        for f in ("warmup_steps", "plateau_steps"):
             if getattr(self, f) < 0:
                 problems.append(f"{f}={getattr(self, f)} must be >= 0")
+        if self.ns_steps < 1:
+            problems.append(f"ns_steps={self.ns_steps} must be >= 1")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if problems:
@@ -122,25 +149,69 @@ def _kernel_dims(updates):
     return jax.tree.map(lambda _: MuonDimensionNumbers(reduction_axis=0, output_axis=1), updates)
 
 
-def _decay_mask(params):
-    # Weight decay on matrices (embeddings and kernels) only; LayerNorm scales and biases are 1-D.
+def _matrices(params):
+    # Matrices (embeddings and kernels); LayerNorm scales and biases are 1-D.
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def newton_schulz_bf16(x: jax.Array, steps: int, eps: float = 1e-7) -> jax.Array:
+    """The quintic Newton-Schulz iteration on bf16 operands with float32 accumulation, rounded to bf16
+    after each matmul: what torch.optim.Muon's `_zeropower_via_newtonschulz` computes on a GPU.
+    (optax's iteration on bf16 inputs lets XLA accumulate in bf16 on some backends: 3-4x less accurate.)"""
+    a, b, c = NS_COEFFS
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    dot = lambda p, q: jnp.dot(p, q, preferred_element_type=f32).astype(bf16)  # noqa: E731
+    X = x.astype(bf16)
+    transposed = X.shape[0] > X.shape[1]  # iterate on the wide orientation: the smaller Gram matrix
+    if transposed:
+        X = X.T
+    X = (X.astype(f32) / (jnp.linalg.norm(X.astype(f32)) + eps)).astype(bf16)
+    for _ in range(steps):
+        A = dot(X, X.T)
+        B = (b * A.astype(f32) + c * dot(A, A).astype(f32)).astype(bf16)
+        X = (a * X.astype(f32) + dot(B, X).astype(f32)).astype(bf16)
+    return (X.T if transposed else X).astype(f32)
+
+
+def scale_by_muon_bf16(ns_steps: int, beta: float, weight_dimension_numbers) -> optax.GradientTransformation:
+    """optax's Nesterov `scale_by_muon` with the Newton-Schulz iteration in bf16 (half the matmul cost
+    on tensor cores) and the momentum in float32. Same state (MuonState) as optax's, so a run can
+    switch between the two on resume."""
+    base = scale_by_muon(ns_coeffs=NS_COEFFS, ns_steps=ns_steps, beta=beta, nesterov=True,
+                         weight_dimension_numbers=weight_dimension_numbers)
+
+    def update(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+        count = optax.safe_increment(state.count)
+        mu_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g,
+                              optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
+                              optax.tree.bias_correction(updates, beta, count))
+        return (jax.tree.map(lambda x: newton_schulz_bf16(x, ns_steps), mu_hat),
+                MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs))
+
+    return optax.GradientTransformation(base.init, update)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """The full chain for `total_steps` updates. Use with `nnx.Optimizer(model, tx, wrt=nnx.Param)`."""
+    """The full chain for `total_steps` updates, over a GPT's Params (`nnx.state(model, nnx.Param)`)."""
     mult = lr_multiplier(cfg, total_steps)
+    decay_mask = _matrices if cfg.weight_decay_on == "matrices" else (lambda p: jax.tree.map(lambda _: True, p))
     adamw = optax.chain(
         optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps),
-        optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),  # masked either way: one state layout
         optax.scale_by_learning_rate(lambda s: cfg.lr * mult(s)),
     )
     if cfg.name == "adamw":
         inner = adamw
     else:
+        if cfg.ns_dtype == "float32":
+            core = scale_by_muon(ns_coeffs=NS_COEFFS, ns_steps=cfg.ns_steps, beta=cfg.muon_momentum, nesterov=True,
+                                 weight_dimension_numbers=_kernel_dims)
+        else:
+            core = scale_by_muon_bf16(cfg.ns_steps, cfg.muon_momentum, _kernel_dims)
         muon = optax.chain(
-            scale_by_muon(ns_coeffs=NS_COEFFS, ns_steps=cfg.ns_steps, beta=cfg.muon_momentum, nesterov=True,
-                          weight_dimension_numbers=_kernel_dims),
+            core,
             scale_by_shape(),
             optax.add_decayed_weights(cfg.muon_weight_decay),
             optax.scale_by_learning_rate(lambda s: cfg.muon_lr * mult(s)),
@@ -148,6 +219,14 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
         inner = optax.partition({"muon": muon, "adamw": adamw}, param_labels)
     clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
     return optax.chain(clip, inner)
+
+
+def restart_schedule(opt_state):
+    """`opt_state` with every schedule's step counter at 0 and everything else kept (the moments, and
+    Adam's/Muon's own counts, whose bias corrections must not restart on warm moments)."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(lambda x: x._replace(count=jnp.zeros_like(x.count)) if is_schedule(x) else x,
+                        opt_state, is_leaf=is_schedule)
 
 
 def learning_rates(cfg: OptimConfig, total_steps: int, step) -> dict[str, jax.Array]:
@@ -159,6 +238,3 @@ def learning_rates(cfg: OptimConfig, total_steps: int, step) -> dict[str, jax.Ar
     return rates
 
 
-def optimizer_for(model: nnx.Module, cfg: OptimConfig, total_steps: int) -> nnx.Optimizer:
-    """An nnx.Optimizer over the model's Params."""
-    return nnx.Optimizer(model, make_optimizer(cfg, total_steps), wrt=nnx.Param)
