@@ -55,24 +55,27 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the last K checkpoints are kept, plus the best by val loss
     sample_every: int = 0  # text sample from `sample_prompt` every N steps (0: only at the end)
     sample_prompt: str = "Once upon a time"  # prompt of the text samples
-    sample_tokens: int = 64  # tokens generated per text sample
+    sample_tokens: int = 64  # tokens generated per text sample (>= 1)
     hellaswag_every: int = 0  # HellaSwag accuracy every N steps and at the end (0: never)
     hellaswag_data: str = ""  # HellaSwag file (jsonl or llama.cpp .txt[.bz2]); "": official val jsonl, cached
     hellaswag_limit: int = 0  # score the first N items (0: all 10,042)
 
     def __post_init__(self):
-        problems = [f"{k}={getattr(self, k)} must be > 0" for k in ("steps", "batch_size", "grad_accum", "log_every")
+        problems = [f"{k}={getattr(self, k)} must be > 0" for k in ("steps", "batch_size", "grad_accum", "log_every",
+                                                                     "sample_tokens")
                     if getattr(self, k) <= 0]
         problems += [f"{k}={getattr(self, k)} must be >= 0" for k in ("seq_len", "eval_every", "ckpt_every",
-                                                                       "sample_every", "sample_tokens",
-                                                                       "hellaswag_every", "hellaswag_limit")
+                                                                       "sample_every", "hellaswag_every",
+                                                                       "hellaswag_limit")
                      if getattr(self, k) < 0]
-        if self.batch_size % self.grad_accum:
+        if self.batch_size > 0 and self.grad_accum > 0 and self.batch_size % self.grad_accum:
             problems.append(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
         if self.sharding not in ("dp", "fsdp"):
             problems.append(f"sharding={self.sharding!r} must be 'dp' or 'fsdp'")
         if self.keep_checkpoints < 1:
             problems.append(f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        if not self.sample_prompt.strip():
+            problems.append("sample_prompt must not be empty (the text samples continue it)")
         if problems:
             raise ValueError("TrainConfig: " + "; ".join(problems))
 
@@ -83,11 +86,18 @@ class Config:
 
     name: str = "tiny"  # run name (used for the default workdir runs/<name>)
     seed: int = 0  # seeds parameter init and every other PRNG stream of the run
-    init_from: str = ""  # start from this run directory's latest params (fine-tuning); "": random init
+    init_from: str = ""  # start from this run directory's latest checkpoint (fine-tuning, warm restart); "": random init
+    init_mode: Literal["params", "warm"] = "params"  # params: its weights, a fresh optimizer and data; warm: also its optimizer moments and data position, with this config's new schedule
     model: GPTConfig | None = field(default_factory=lambda: GPTConfig.preset("tiny"))  # model shape and numerics; None: init_from's model
     data: DataConfig = field(default_factory=DataConfig)  # token shards and sampler
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and learning-rate schedule
     train: TrainConfig = field(default_factory=TrainConfig)  # the training loop
+
+    def __post_init__(self):
+        if self.init_mode not in ("params", "warm"):
+            raise ValueError(f"Config: init_mode={self.init_mode!r} must be 'params' or 'warm'")
+        if self.init_mode == "warm" and not self.init_from:
+            raise ValueError("Config: init_mode='warm' needs init_from (the run to continue)")
 
 
 PRESET_PACKAGE = "fgpt_jax.configs"  # the top-level configs/ directory, installed under this name

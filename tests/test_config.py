@@ -50,7 +50,7 @@ def test_unknown_key_lists_valid_keys():
         apply_overrides(load_config("tiny"), ["model.n_layr=3"])
     msg = str(e.value)
     assert "model.n_layr" in msg and "n_layer" in msg and "n_embd" in msg and "\n" not in msg
-    with pytest.raises(ConfigError, match="valid keys in .config.: name, seed, init_from, model, data"):
+    with pytest.raises(ConfigError, match="valid keys in .config.: name, seed, init_from, init_mode, model, data"):
         apply_overrides(load_config("tiny"), ["modle.n_layer=3"])
     with pytest.raises(ConfigError, match="has no sub-keys"):
         apply_overrides(load_config("tiny"), ["seed.x=3"])

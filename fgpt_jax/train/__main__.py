@@ -27,6 +27,9 @@ def _parser() -> cli.Parser:
     p.add_argument("--run", "--workdir", dest="run", type=Path, metavar="DIR",
                    help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run from its latest checkpoint")
+    p.add_argument("--step", type=cli.int_in(1), metavar="N",
+                   help="with --resume: continue from checkpoint N instead of the latest (later ones are moved to "
+                        "RUN/checkpoints.set-aside/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     return p
 
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     spec, overrides, rest = split_config_args(argv)  # --config.a.b=V are not argparse flags
     args = parser.parse_args(rest)
+    if args.step is not None and not args.resume:
+        parser.error("--step: only with --resume")
 
     def body() -> int:
         # Which run directory: --run, else the preset's name; resuming without --config reads its config.json.
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from fgpt_jax.train import train
 
-        last = train(cfg, run, resume=args.resume)
+        last = train(cfg, run, resume=args.resume, resume_step=args.step)
         if jax.process_index() == 0:
             print(json.dumps({k: v for k, v in last.items() if not isinstance(v, str)}))
             print(f"run: {run}\nTensorBoard: tensorboard --logdir {run / 'tb'}\n"

@@ -90,8 +90,9 @@ class Checkpoint(Hook):
         self.checkpoints, self.loader = checkpoints, loader
 
     def __call__(self, step, state, results) -> Result:
-        self.checkpoints.save(step, state, self.loader.get_state(), val_loss=results.get("val/loss"))
-        return Result()
+        done = self.checkpoints.save(step, state, self.loader.get_state(), val_loss=results.get("val/loss"))
+        # The save just started finishes in the background; the trainer says so when it has.
+        return Result(line=None if done is None else f"checkpoint {done} saved")
 
 
 class HellaSwag(Hook):

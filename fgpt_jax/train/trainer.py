@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from tqdm import tqdm
 
@@ -34,7 +35,9 @@ from fgpt_jax.data import Batch
 from fgpt_jax.data.pipeline import open_data
 from fgpt_jax.loss import make_eval_step
 from fgpt_jax.metrics import MetricsWriter, Throughput, format_line, peak_flops
+from fgpt_jax.optim import restart_schedule
 from fgpt_jax.rundir import RunDir
+from fgpt_jax.tokenizer import N_VOCAB
 from fgpt_jax.train import hooks as H
 from fgpt_jax.train.step import build_setup
 
@@ -102,22 +105,74 @@ def _check_base(cfg: Config) -> None:
                             f"set model to None in the config (take the base run's model) or match it")
 
 
-def _check_run(cfg: Config, run: RunDir, resume: bool) -> None:
-    """Refuse to overwrite a run without --resume, to resume nothing, or to resume another model."""
-    if run.has_checkpoints() and not resume:
+def _check_run(cfg: Config, run: RunDir, resume: bool, resume_step: int | None) -> int | None:
+    """Refuse to overwrite a run without --resume, to resume nothing, or to resume another model.
+    Returns the step to resume from."""
+    steps = run.checkpoint_steps()
+    if steps and not resume:
         raise TrainingError(f"--run {run}: already holds checkpoints; pass --resume to continue it, "
                             f"or choose another run directory")
-    if resume and not run.has_checkpoints():
+    if not resume:
+        return None
+    if not steps:
         raise TrainingError(f"--resume: no checkpoint in {run.checkpoints}")
-    if resume and run.read_config().model != cfg.model:
+    if resume_step is not None and resume_step not in steps:
+        raise TrainingError(f"--step {resume_step}: not a checkpoint of {run} (available: {', '.join(map(str, steps))})")
+    if run.read_config().model != cfg.model:
         raise TrainingError(f"--resume: the model config differs from {run.config_path}; "
                             f"resume with the run's own config (drop the model overrides)")
+    return steps[-1] if resume_step is None else resume_step
+
+
+def _warm_source(cfg: Config) -> tuple[int, dict]:
+    """(step, loader state) of the checkpoint a warm restart continues: init_from's latest, which must
+    hold optimizer state for this config's optimizer."""
+    base = RunDir(cfg.init_from)
+    ckpts = Checkpoints(base.checkpoints, read_only=True)
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise TrainingError(f"init_from {cfg.init_from}: no complete checkpoint")
+        if not (base.checkpoints / str(step) / "train").exists():
+            raise TrainingError(f"init_from {cfg.init_from}: checkpoint {step} holds parameters only (an imported "
+                                f"model?): init_mode=warm needs optimizer state; use init_mode=params")
+        base_optim = base.read_config().optim.name
+        if base_optim != cfg.optim.name:
+            raise TrainingError(f"init_mode=warm: init_from used optim.name={base_optim}, this config "
+                                f"{cfg.optim.name}; the moments must belong to the same optimizer")
+        return step, ckpts.read_json(step, "data")
+    finally:
+        ckpts.close()
+
+
+def _warm_start(cfg: Config, setup, step: int, data_state: dict, loader_identity: dict):
+    """The state a warm restart begins with: init_from's parameters and optimizer moments at `step`,
+    a step counter and schedules at 0, a PRNG stream from this config's seed."""
+    diffs = [f"{k} {data_state.get(k)!r} vs {v!r}" for k, v in loader_identity.items()
+             if k not in ("global_batch_size", "first_row") and data_state.get(k) != v]
+    if diffs:
+        raise TrainingError(f"init_mode=warm continues init_from's data stream, but the data differs "
+                            f"({', '.join(diffs)}); use the same data.path, data.seed and train.seq_len")
+    ckpts = Checkpoints(RunDir(cfg.init_from).checkpoints, read_only=True)
+    try:
+        state, _ = ckpts.restore(step, setup.abstract_state)
+    finally:
+        ckpts.close()
+    key = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    return state.replace(step=jnp.zeros_like(state.step), opt_state=restart_schedule(state.opt_state),
+                         rng=jax.device_put(key, state.rng.sharding))
+
+
+def _rows_read(data_state: dict) -> int:
+    """Where a loader with this saved state would read next, as a global row of its stream."""
+    return data_state.get("first_row", 0) + int(data_state["step"]) * int(data_state["global_batch_size"])
 
 
 class Trainer:
     """One run in progress: its state, data, jitted step and hooks. Built by `train`."""
 
-    def __init__(self, cfg: Config, run: RunDir, resume: bool, on_step: Callable | None):
+    def __init__(self, cfg: Config, run: RunDir, resume: bool, on_step: Callable | None,
+                 resume_step: int | None = None):
         self.cfg, self.rundir, self.on_step = cfg, run, on_step
         t = cfg.train
         self.is_main = jax.process_index() == 0
@@ -125,53 +180,67 @@ class Trainer:
         self.seq_len = t.seq_len or cfg.model.block_size
         if self.seq_len > cfg.model.block_size:
             raise TrainingError(f"train.seq_len={self.seq_len} exceeds model.block_size={cfg.model.block_size}")
+        if cfg.model.vocab_size < N_VOCAB:
+            raise TrainingError(f"model.vocab_size={cfg.model.vocab_size}: must be >= {N_VOCAB}, the tokenizer's ids")
         self.mesh = shd.make_mesh()
         micro = t.batch_size // t.grad_accum
         if micro % self.mesh.size:
             raise TrainingError(f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch must be "
                                 f"divisible by the {self.mesh.size} devices")
+        warm = cfg.init_from and cfg.init_mode == "warm" and not resume
         if cfg.init_from and not resume:
             _check_base(cfg)
-        _check_run(cfg, run, resume)
+        start = _check_run(cfg, run, resume, resume_step)
 
-        data = open_data(cfg.data, self.seq_len, t.batch_size, micro, jax.process_index(), jax.process_count())
+        first_row = 0
+        if warm:  # the data continues where init_from's loader stopped
+            base_step, base_data = _warm_source(cfg)
+            first_row = _rows_read(base_data)
+        data = open_data(cfg.data, self.seq_len, t.batch_size, micro, jax.process_index(), jax.process_count(),
+                         first_row=first_row)
         if data.stats:
             self.console(f"data {cfg.data.path}: " + ", ".join(f"{k} {v}" for k, v in data.stats.items()))
+            rows = data.stats.get("train_rows")
+            if rows:
+                self.console(f"{t.steps} steps x {t.batch_size} rows = {t.steps * t.batch_size / rows:.1f} epochs "
+                             f"of the {rows} training rows")
         for note in data.notes:
             self.console(note)
-        self.loader = data.loader
+        self.data, self.loader = data, data.loader
         self.setup = build_setup(cfg, self.mesh)
-        self.checkpoints = Checkpoints(run.checkpoints, keep_last=t.keep_checkpoints)
-        if resume:
-            self.start = self.checkpoints.latest_step()
-            self.state, loader_state = self.checkpoints.restore(self.start, self.setup.abstract_state)
+        if start is not None:
+            reader = Checkpoints(run.checkpoints, read_only=True)  # the writer is opened once every check passed
+            try:
+                self.state, loader_state = reader.restore(start, self.setup.abstract_state)
+            finally:
+                reader.close()
             self.loader.set_state(loader_state)
-            self.console(f"resumed from step {self.start} ({run.checkpoints / str(self.start)})")
+        elif warm:
+            self.state = _warm_start(cfg, self.setup, base_step, base_data, self.loader.identity())
         else:
-            self.start = 0
-            base = None
-            if cfg.init_from:
-                base = nnx.state(load_model(cfg.init_from)[0], nnx.Param)
-                self.console(f"initialised from {cfg.init_from}")
+            base = nnx.state(load_model(cfg.init_from)[0], nnx.Param) if cfg.init_from else None
             self.state = self.setup.init(base)
+        self.start = start or 0
         self.batch_sharding = shd.batch_sharding(self.mesh, 3, batch_axis=1)
-
         self.val = H.ValLoss(t.eval_every, make_eval_step(self.setup.graphdef), data.val, self.mesh) if data.val else None
-        self.hooks: list[H.Hook] = [h for h in (self.val, H.Checkpoint(t.ckpt_every, self.checkpoints, self.loader))
-                                    if h is not None]
-        if t.hellaswag_every:
-            from fgpt_jax.eval.hellaswag import HellaSwagScorer  # tokenises and packs the items once
-            scorer = HellaSwagScorer.from_file(t.hellaswag_data or None, block_size=cfg.model.block_size,
-                                               limit=t.hellaswag_limit or None, batch_size=micro, mesh=self.mesh)
-            self.hooks.append(H.HellaSwag(t.hellaswag_every, scorer, self.setup.graphdef))
-        self.hooks.append(H.TextSample(t.sample_every, self.setup.graphdef, t.sample_prompt,
-                                       min(t.sample_tokens, cfg.model.block_size - 1), chat=cfg.data.format == "chat"))
+        scorer = self._hellaswag_scorer(micro)
 
         # Every check has passed: from here on the run directory is written.
+        if start is not None and start != run.checkpoint_steps()[-1]:
+            self._set_aside_after(start)
+        self.checkpoints = Checkpoints(run.checkpoints, keep_last=t.keep_checkpoints)
+        self.hooks = self._hooks(scorer)
         if self.is_main:
             run.write_config(cfg)
             self.console.start()
-        self.writer = MetricsWriter(run, keep_through=self.start if resume else -1, enabled=self.is_main)
+        if start is not None:
+            self.console(f"resumed from step {start} ({run.checkpoints / str(start)})")
+        elif warm:
+            self.console(f"warm restart from {cfg.init_from} step {base_step}: its parameters, optimizer moments "
+                         f"and data position (row {first_row}); a new schedule from step 0")
+        elif cfg.init_from:
+            self.console(f"initialised from {cfg.init_from}")
+        self.writer = MetricsWriter(run, keep_through=self.start if start is not None else -1, enabled=self.is_main)
         tokens_per_step = t.batch_size * self.seq_len
         self.throughput = Throughput(tokens_per_step, cfg.model.flops_per_token(self.seq_len), self.mesh.size,
                                      peak_flops())
@@ -180,42 +249,85 @@ class Trainer:
                      f"{tokens_per_step:,} tokens ({t.grad_accum} x {micro} x {self.seq_len}), {self.mesh.size} "
                      f"device(s) [{jax.devices()[0].device_kind}], {t.sharding}, optimizer {cfg.optim.name}")
 
+    def _hellaswag_scorer(self, micro: int):
+        t = self.cfg.train
+        if not t.hellaswag_every:
+            return None
+        from fgpt_jax.eval.hellaswag import HellaSwagScorer  # tokenises and packs the items once
+        return HellaSwagScorer.from_file(t.hellaswag_data or None, block_size=self.cfg.model.block_size,
+                                         limit=t.hellaswag_limit or None, batch_size=micro, mesh=self.mesh)
+
+    def _hooks(self, scorer) -> list[H.Hook]:
+        """The periodic work, in the order it runs (see hooks.py)."""
+        cfg, t = self.cfg, self.cfg.train
+        hooks: list[H.Hook] = [h for h in (self.val, H.Checkpoint(t.ckpt_every, self.checkpoints, self.loader))
+                               if h is not None]
+        if scorer is not None:
+            hooks.append(H.HellaSwag(t.hellaswag_every, scorer, self.setup.graphdef))
+        hooks.append(H.TextSample(t.sample_every, self.setup.graphdef, t.sample_prompt,
+                                  min(t.sample_tokens, cfg.model.block_size - 1), chat=cfg.data.format == "chat"))
+        return hooks
+
+    def _set_aside_after(self, step: int) -> None:
+        """Resuming from an earlier checkpoint (the later ones broken): move the later ones out of
+        checkpoints/ (nothing is deleted), so new saves can take their step numbers."""
+        if not self.is_main:
+            return
+        aside = self.rundir.path / "checkpoints.set-aside"
+        aside.mkdir(exist_ok=True)
+        for later in [s for s in self.rundir.checkpoint_steps() if s > step]:
+            target = aside / f"{later}-{int(time.time())}"
+            (self.rundir.checkpoints / str(later)).rename(target)
+            self.console(f"checkpoint {later} moved to {target} (resuming from {step})")
+
     # -- the loop ---------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, stop: StopSignal) -> dict:
+        """The loop. `stop` is installed before the Trainer is built, so a signal during setup (data,
+        compilation, restore) ends the run before its first step, with nothing to save."""
         t = self.cfg.train
         self.bar = tqdm(total=t.steps, initial=self.start, desc=self.cfg.name, unit="step", dynamic_ncols=True,
                         disable=not self.console.tty)
         pending = None  # (step, metrics on device) of the step dispatched before the current one
-        stopped = None
-        with StopSignal() as stop:
-            try:
-                if self.start == 0 and self.val is not None and t.eval_every:
-                    self._report(0, self.val(0, self.state, {}))  # the untrained baseline: curves start at 0
-                for step in range(self.start + 1, t.steps + 1):
-                    self.state, metrics = self.setup.train_step(self.state, self._device_batch(next(self.loader)))
-                    if pending is not None:
-                        self._finish(*pending)
-                    pending = (step, metrics)
-                    due = [h for h in self.hooks if h.due(step, t.steps, stop.signal is not None)]
-                    if not due:
-                        continue
-                    self._finish(*pending)  # the state is about to be read or saved: check this step first
-                    pending = None
-                    self._run_hooks(step, due)
-                    if stop.signal is not None:
-                        stopped = stop.signal
-                        self.console(f"stopped by signal {stopped} at step {step}; checkpoint saved. "
-                                     f"Continue with --resume")
-                        break
+        stopped = stop.signal
+        try:
+            if stopped is not None:
+                self.console(f"stopped by signal {stopped} before the first step; nothing to save")
+                return {"stopped_by_signal": stopped}
+            if self.start == 0 and self.val is not None and t.eval_every:
+                self._report(0, self.val(0, self.state, {}))  # the untrained baseline: curves start at 0
+            for step in range(self.start + 1, t.steps + 1):
+                self.state, metrics = self.setup.train_step(self.state, self._device_batch(next(self.loader)))
                 if pending is not None:
                     self._finish(*pending)
+                pending = (step, metrics)
+                due = [h for h in self.hooks if h.due(step, t.steps, stop.signal is not None)]
+                if not due:
+                    continue
+                self._finish(*pending)  # the state is about to be read or saved: check this step first
+                pending = None
+                self._run_hooks(step, due)
+                if stop.signal is not None:
+                    stopped = stop.signal
+                    break
+            if pending is not None:
+                self._finish(*pending)
+            self._saved(self.checkpoints.poll(wait=True))  # the last save, on disk before we say so
+            if stopped is not None:
+                self.console(f"stopped by signal {stopped} at step {step}; checkpoint saved. "
+                             f"Continue with --resume")
+        finally:
+            self.bar.close()
+            try:
+                self.checkpoints.close()  # waits for a save still in flight (an error path)
             finally:
-                self.bar.close()
-                self.checkpoints.close()  # waits for the async save in flight
                 self.writer.close()
         if stopped is not None:
             self.last["stopped_by_signal"] = stopped
         return self.last
+
+    def _saved(self, step: int | None) -> None:
+        if step is not None:
+            self.console(f"checkpoint {step} saved", file_only=self.console.tty)
 
     def _device_batch(self, batch: Batch) -> Batch:
         """This process's rows, split into micro-batches [A, B/A, ...], as one global sharded array each."""
@@ -232,6 +344,8 @@ class Trainer:
             raise TrainingError(f"step {step}: {bad[0]} is {values[bad[0]]}; stopping. The last good checkpoint "
                                 f"({self.checkpoints.latest_step()}) is intact: lower optim.lr / optim.muon_lr "
                                 f"and --resume, or restart")
+        self._saved(self.checkpoints.poll())  # a failed async save surfaces here, one step after it failed
+        self.data.check()  # raises if the background shard verification found a corrupt shard
         t = self.cfg.train
         logged = step % t.log_every == 0 or step == t.steps
         values.update(self.throughput.tick(step, report=logged))
@@ -276,8 +390,11 @@ class Trainer:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False,
-          on_step: Callable[[int, dict], None] | None = None) -> dict:
+          on_step: Callable[[int, dict], None] | None = None, resume_step: int | None = None) -> dict:
     """Train `cfg` in `run_dir` (created if needed). Returns the last logged metrics.
+
+    `resume` continues from the latest checkpoint, or from `resume_step` (later checkpoints, e.g.
+    broken ones, are then moved to RUN/checkpoints.set-aside/, not deleted).
 
     `cfg` goes through `resolve_config` (a fine-tuning config with `model=None` takes its
     `init_from` run's model), exactly as the CLI's does. `on_step(step, metrics)` runs on the host
@@ -288,8 +405,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False,
     shd.initialize_distributed()
     run = RunDir(run_dir)
     # Process 0 holds the lock; the others write nothing but their share of each checkpoint.
-    with run.lock() if jax.process_index() == 0 else contextlib.nullcontext():
-        return Trainer(cfg, run, resume, on_step).run()
+    with StopSignal() as stop, run.lock() if jax.process_index() == 0 else contextlib.nullcontext():
+        return Trainer(cfg, run, resume, on_step, resume_step).run(stop)
 
 
 __all__ = ["train", "Trainer", "TrainingError", "StopSignal"]
