@@ -18,6 +18,10 @@ from typing import Callable, Sequence
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 SEED_MAX = 2**32 - 1  # jax.random.key takes 32- or 64-bit seeds; one range for every command
 
+# XLA's C++ logging reads its level once, possibly when jaxlib loads: set it before any CLI module
+# imports jax (every CLI imports this module first). A user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block) and exit status 2."""
@@ -84,9 +88,13 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None, te
 
 def quiet_libraries() -> None:
     """Silence the INFO/WARNING chatter of absl, orbax and jax that a user would read as errors
-    ("Given directory is read only", "setting save_interval_steps=0", ...). Real errors still raise."""
+    ("Given directory is read only", "setting save_interval_steps=0", ...). Real errors still raise.
+
+    orbax logs through absl's Python logging (the "absl" logger), jax through Python logging, XLA's
+    C++ code through TF_CPP_MIN_LOG_LEVEL (also set on import, see above), and a few libraries
+    through `warnings`. tests/test_cli.py runs every command and checks stderr stays clean."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for name in ("absl", "orbax", "jax._src.xla_bridge", "jax"):
+    for name in ("absl", "orbax", "jax._src.xla_bridge", "jax", "grain"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from absl import logging as absl_logging
