@@ -3,10 +3,11 @@
     python -m fgpt_jax.chat --run DIR [--step N] [--system TEXT] [--prompt TEXT] [--max-new-tokens N]
                             [--temperature T] [--top-k K] [--top-p P] [--seed S]
 
-A multi-turn REPL (`fgpt_jax.inference.session.ChatSession`). A run that was not instruction-tuned
-(config data.format != "chat": pretrained or imported) still answers, after one note on stderr. On a terminal: `you>` prompts,
+A multi-turn REPL (`fgpt_jax.inference.session.ChatSession`). On a terminal: `you>` prompts,
 `/reset` clears the history, `/quit` (or Ctrl-D) leaves. With stdin not a terminal, every line is
 one user turn and each answer is printed on its own line. `--prompt TEXT` answers once and exits.
+A run that was not instruction-tuned (config data.format != "chat": pretrained or imported) still
+answers, after one note on stderr.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                 if interactive:
                     print()
                 return 0
+            except UnicodeDecodeError:
+                raise ValueError("stdin: not UTF-8 text") from None
             text = line.strip()
             if text in ("/quit", "/exit"):
                 return 0

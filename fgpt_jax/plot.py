@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, metavar="DIR", help="run directory (holds metrics.jsonl)")
     p.add_argument("run_positional", nargs="?", type=Path, metavar="RUN", help=argparse.SUPPRESS)  # the 0.1 form: plot RUN
     p.add_argument("--out", type=Path, metavar="FILE",
-                   help="output image; its extension picks the format (.png, .svg, .pdf, ...) (default: RUN/curves.png)")
+                   help="output image; its extension picks the format: .png, .svg, .pdf, ... "
+                        "(default: RUN/curves.png)")
     args = p.parse_args(argv)
     run = args.run or args.run_positional
     if run is None:

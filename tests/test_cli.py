@@ -5,6 +5,7 @@ The commands run as real subprocesses (`python -m fgpt_jax.<command>`), as a use
 run directory written by `save_model` (an untrained model of the quickstart's context, 128 tokens).
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -53,12 +54,14 @@ def test_readme_quickstart_generate_with_defaults(runs):
     assert r.stdout.startswith("ROMEO:") and len(r.stdout) > len("ROMEO:\n")
 
 
-def test_generate_top_k_past_the_vocabulary(runs):
+def test_generate_top_k_past_the_vocabulary_and_an_empty_prompt(runs):
+    """--top-k 100000 was a JAX shape error (it now keeps every token); an empty prompt (no token)
+    was refused (it now starts a new document)."""
     base, _ = runs
-    r = cli("fgpt_jax.generate", "--run", base, "--prompt", "ROMEO:", "--top-k", "100000", "--max-new-tokens", "4",
+    r = cli("fgpt_jax.generate", "--run", base, "--prompt", "", "--top-k", "100000", "--max-new-tokens", "4",
             "--num-samples", "2")
     assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
-    assert len(r.stdout.splitlines()) == 2
+    assert [json.loads(line)["sample"] for line in r.stdout.splitlines()] == [0, 1]
 
 
 def test_chat_on_a_pretrained_run_says_so_once(runs):
