@@ -6,6 +6,8 @@
 A multi-turn REPL (`fgpt_jax.inference.session.ChatSession`). On a terminal: `you>` prompts,
 `/reset` clears the history, `/quit` (or Ctrl-D) leaves. With stdin not a terminal, every line is
 one user turn and each answer is printed on its own line. `--prompt TEXT` answers once and exits.
+A run that was not instruction-tuned (config data.format != "chat": pretrained or imported) still
+answers, after one note on stderr.
 """
 
 from __future__ import annotations
@@ -42,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         from fgpt_jax.inference.generator import Generator
         from fgpt_jax.inference.session import ChatSession
 
-        model, _ = load_model(args.run, args.step)
+        model, cfg = load_model(args.run, args.step)
+        if cfg.data.format != "chat":
+            # Pretrained or imported: it still answers, but a newcomer should know why it rambles.
+            print(f"note: {args.run} was not instruction-tuned (data.format {cfg.data.format!r}): answers will be "
+                  f"text continuations; fine-tune it first with python -m fgpt_jax.train --config sft "
+                  f"--config.init_from={args.run}", file=sys.stderr, flush=True)
         session = ChatSession(Generator.from_model(model), system=args.system, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         if args.prompt is not None:
@@ -58,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                 if interactive:
                     print()
                 return 0
+            except UnicodeDecodeError:
+                raise ValueError("stdin: not UTF-8 text") from None
             text = line.strip()
             if text in ("/quit", "/exit"):
                 return 0

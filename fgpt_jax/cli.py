@@ -19,6 +19,10 @@ from typing import Callable, Sequence
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 SEED_MAX = 2**32 - 1  # jax.random.key takes 32- or 64-bit seeds; one range for every command
 
+# XLA's C++ logging reads its level once, possibly when jaxlib loads: set it before any CLI module
+# imports jax (every CLI imports this module first). A user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block) and exit status 2."""
@@ -84,14 +88,18 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None, te
 
 
 def quiet_libraries() -> None:
-    """Silence the chatter of absl, orbax, tensorstore and jax that a user would read as errors
+    """Silence the chatter of absl, orbax, tensorstore, grain and jax that a user would read as errors
     ("Given directory is read only", "setting save_interval_steps=0", background-thread tracebacks
     of a failed async save, ...). Our own code raises every error that matters and the CLI prints it
-    as one line; set FGPT_JAX_DEBUG=1 to see the libraries' logs and tracebacks again."""
+    as one line; set FGPT_JAX_DEBUG=1 to see the libraries' logs and tracebacks again.
+
+    orbax logs through absl's Python logging (the "absl" logger), jax through Python logging, XLA's
+    C++ code through TF_CPP_MIN_LOG_LEVEL (also set on import, see above), and a few libraries
+    through `warnings`. tests/test_cli.py runs every command and checks stderr stays clean."""
     if os.environ.get("FGPT_JAX_DEBUG"):
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for name in ("absl", "orbax", "jax._src.xla_bridge", "jax"):
+    for name in ("absl", "orbax", "jax._src.xla_bridge", "jax", "grain"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         from absl import logging as absl_logging

@@ -4,7 +4,8 @@
                                 [--top-k K] [--top-p P] [--seed S] [--num-samples N] [--no-stream]
 
 Restores the run's checkpoint (parameters only; the model config comes from DIR/config.json) and
-streams the continuation token by token (`--prompt -` reads stdin). The engine is
+streams the continuation token by token (`--prompt -` reads stdin; an empty prompt starts a new
+document). Any --max-new-tokens works: past the model's context the window slides. The engine is
 `fgpt_jax.inference.generator.Generator`.
 """
 
@@ -38,17 +39,24 @@ def main(argv: list[str] | None = None) -> int:
         from fgpt_jax.inference.generator import Generator, TextStreamer
         from fgpt_jax.tokenizer import get_tokenizer
 
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if args.prompt == "-":
+            try:
+                prompt = sys.stdin.buffer.read().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"--prompt -: stdin is not UTF-8 text (byte {e.start})") from None
+        else:
+            prompt = args.prompt
         model, _ = load_model(args.run, args.step)
         gen = Generator.from_model(model)
         tok = get_tokenizer()
-        ids = tok.encode(prompt)
+        ids = tok.encode(prompt) or [tok.eot_id]  # an empty prompt: start a new document
         sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p)
         if args.num_samples == 1 and not args.no_stream:
             out = TextStreamer()
+            tokens = gen.stream(ids, seed=args.seed, **sampling)  # checks its arguments before anything is printed
             sys.stdout.write(prompt)
-            for t in gen.stream(ids, seed=args.seed, **sampling):
+            for t in tokens:
                 if t in gen.stop_ids:
                     break
                 sys.stdout.write(out.push(t))

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from fgpt_jax.checkpoint import save_model
-from fgpt_jax.config import Config
+from fgpt_jax.config import Config, load_run_config
 from fgpt_jax.eval.__main__ import main
 from fgpt_jax.model import GPT, GPTConfig
 
@@ -87,3 +87,74 @@ def test_cli_process_exit_code(run_dir, tmp_path):
                         "--data", str(tmp_path / "missing.txt")], capture_output=True, text=True, env=env, cwd=REPO)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.txt'}: file not found"]
+
+
+# ------------------------------------------------- `eval val` == the trainer's val/loss (issue 13)
+
+TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=64", "train.steps=2",
+        "train.batch_size=8", "train.grad_accum=2", "train.eval_every=0", "train.ckpt_every=0", "train.sample_tokens=2",
+        "optim.warmup_steps=1"]
+
+
+def last_val_loss(run: Path) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["val/loss"] for r in rows if "val/loss" in r][-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny pretraining run (micro-batch 4 = 8 / grad_accum 2, 12 validation windows) and an SFT
+    run on the Alpaca sample, both trained by the real trainer."""
+    from fgpt_jax.config import apply_overrides, load_config
+    from fgpt_jax.train import train
+    root = tmp_path_factory.mktemp("trained")
+    train(apply_overrides(load_config("tiny"), TINY + ["data.val_windows=12"]), root / "base")
+    train(apply_overrides(load_config("tiny"), TINY + [
+        "data.format=chat", f"data.path={Path(__file__).parent / 'data' / 'instruction-examples.json'}",
+        "data.val_fraction=0.2", "data.max_prompt_tokens=0", "data.max_response_tokens=0"]), root / "sft")
+    return root / "base", root / "sft"
+
+
+def test_val_default_is_the_trainers_val_loss(trained, capsys):
+    base, _ = trained
+    assert main(["val", "--run", str(base), "--no-progress"]) == 0
+    result = last_json(capsys)
+    assert result["loss"] == pytest.approx(last_val_loss(base), rel=1e-6)
+    assert result["windows"] == 12 and result["tokens"] == 12 * 64
+    assert result["data"] == load_run_config(base).data.path  # the data it trained on
+
+
+def test_val_default_on_an_sft_run_is_its_masked_val_loss(trained, capsys):
+    _, sft = trained
+    assert main(["val", "--run", str(sft), "--no-progress"]) == 0
+    result = last_json(capsys)
+    assert result["loss"] == pytest.approx(last_val_loss(sft), rel=1e-6)
+    assert result["windows"] is None and result["data"].endswith("instruction-examples.json")
+    assert 0 < result["tokens"] < 40 * 64  # masked: only the held-out answers' tokens count
+    # Any run scores any data: the SFT model on the bundled corpus.
+    assert main(["val", "--run", str(sft), "--data", "tinyshakespeare", "--max-tokens", "512", "--no-progress"]) == 0
+    assert last_json(capsys)["tokens"] == 512
+    assert main(["val", "--run", str(sft), "--max-tokens", "512"]) == 2
+    assert capsys.readouterr().err.startswith("error: --max-tokens: applies to token shards; conversations (")
+
+
+def test_val_on_an_imported_run_needs_data(trained, tmp_path, capsys):
+    """An imported run records no training data: `eval val` asks for --data, and with the trained
+    run's own data and geometry gives back that run's val/loss (export/import is exact)."""
+    from fgpt_jax import hf
+    from fgpt_jax.checkpoint import load_model
+    base, _ = trained
+    model, cfg = load_model(base)
+    hf.to_hf(model, cfg, tmp_path / "hf")
+    imported = save_model(tmp_path / "imported", *hf.from_hf(str(tmp_path / "hf")))
+    assert main(["val", "--run", str(imported)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --run {imported}: records no training data (an imported "
+                                               f"model?); pass --data with a shard directory, 'tinyshakespeare' or a "
+                                               f"conversations file")
+    assert main(["val", "--run", str(imported), "--data", "tinyshakespeare", "--batch-size", "4", "--max-tokens",
+                 str(12 * 64), "--no-progress"]) == 0
+    assert last_json(capsys)["loss"] == pytest.approx(last_val_loss(base), rel=1e-6)
+    data = Path(__file__).parent / "data" / "instruction-examples.json"
+    assert main(["val", "--run", str(imported), "--data", str(data), "--no-progress"]) == 0
+    result = last_json(capsys)
+    assert result["data"] == str(data) and result["windows"] is None and math.isfinite(result["loss"])

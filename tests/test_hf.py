@@ -236,9 +236,9 @@ def _drop(name):
 
 
 @pytest.mark.parametrize("edit,needle", [
-    (lambda t, c: c.update(model_type="llama", architectures=["LlamaForCausalLM"]), "model_type 'llama'"),
+    (lambda t, c: c.update(model_type="llama", architectures=["LlamaForCausalLM"]), "model_type=\"llama\""),
     (lambda t, c: c.update(architectures=["GPT2ForSequenceClassification"]), "GPT2ForSequenceClassification"),
-    (lambda t, c: c.update(activation_function="gelu"), "activation_function='gelu'"),
+    (lambda t, c: c.update(activation_function="gelu"), "activation_function=\"gelu\""),
     (lambda t, c: c.update(vocab_size=32000), "vocab_size=32000"),
     (_drop("transformer.h.1.mlp.c_fc.bias"), "transformer.h.1.mlp.c_fc.bias: missing"),
     (lambda t, c: t.update({"transformer.h.0.attn.c_attn.weight": np.zeros((3 * D, D), np.float32)}),
@@ -257,6 +257,58 @@ def test_bad_checkpoints_name_the_problem(tmp_path, params, edit, needle):
     with pytest.raises(HFError) as e:
         hf.from_hf(str(tmp_path))
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("conf,needle", [
+    ([hf_config_json()], 'config.json: expected a JSON object of GPT2Config keys, got list'),
+    ("gpt2", 'config.json: expected a JSON object of GPT2Config keys, got str "gpt2"'),
+    (hf_config_json(n_embd="64"), 'config.json: n_embd="64": expected a positive integer'),
+    (hf_config_json(n_layer=None), "config.json: n_layer=null: expected a positive integer"),
+    (hf_config_json(n_head=2.0), "config.json: n_head=2.0: expected a positive integer"),
+    (hf_config_json(n_head=3), "config.json: n_head=3: expected a divisor of n_embd=64"),
+    (hf_config_json(n_head=0), "config.json: n_head=0: expected a positive integer"),
+    (hf_config_json(vocab_size=True), "config.json: vocab_size=true: expected a positive integer"),
+    ({k: v for k, v in hf_config_json(n_ctx="32").items() if k != "n_positions"},
+     'config.json: n_ctx="32": expected a positive integer'),
+    (hf_config_json(n_inner="x"), 'config.json: n_inner="x": expected null or a positive integer'),
+    (hf_config_json(layer_norm_epsilon=None), "config.json: layer_norm_epsilon=null: expected a number"),
+    (hf_config_json(layer_norm_epsilon="1e-5"), 'config.json: layer_norm_epsilon="1e-5": expected a number'),
+    (hf_config_json(activation_function=None), "config.json: activation_function=null: expected a string"),
+    (hf_config_json(activation_function=["gelu_new"]), 'activation_function=["gelu_new"]: expected a string'),
+    (hf_config_json(tie_word_embeddings=None), "config.json: tie_word_embeddings=null: expected true or false"),
+    (hf_config_json(scale_attn_weights="yes"), 'config.json: scale_attn_weights="yes": expected true or false'),
+    (hf_config_json(architectures="GPT2LMHeadModel"), 'architectures="GPT2LMHeadModel": expected ["GPT2LMHeadModel"]'),
+    (hf_config_json(model_type=None), "config.json: model_type=null: expected \"gpt2\""),
+])
+def test_bad_config_json_names_the_key(tmp_path, params, conf, needle):
+    """config.json is checked key by key: a wrong type, a null, or a non-object is one HFError line,
+    never a TypeError / AttributeError / ValueError from the code that would have used it."""
+    write_checkpoint(tmp_path, params)
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(HFError) as e:
+        hf.from_hf(str(tmp_path))
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, params, bad):
+    broken = dict(params)
+    broken["h.1.mlp.c_fc.weight"] = params["h.1.mlp.c_fc.weight"].copy()
+    broken["h.1.mlp.c_fc.weight"][3, 5] = bad
+    write_checkpoint(tmp_path, broken)
+    with pytest.raises(HFError, match=r"^transformer\.h\.1\.mlp\.c_fc\.weight: 1 of 16384 values are NaN or inf"):
+        hf.from_hf(str(tmp_path))
+
+
+def test_cli_import_bad_config_is_one_line(tmp_path, params):
+    """The real `python -m fgpt_jax.hf import`: exit 2, one line naming the file and the key, no run written."""
+    write_checkpoint(tmp_path / "src", params, config=hf_config_json(n_head=3))
+    r = subprocess.run([sys.executable, "-m", "fgpt_jax.hf", "import", "--hf", str(tmp_path / "src"),
+                        "--run", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [f"error: {tmp_path / 'src' / 'config.json'}: n_head=3: expected a divisor of "
+                                     f"n_embd=64"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_or_broken_files(tmp_path):

@@ -17,7 +17,7 @@ from fgpt_jax.inference.sampling import filter_logits, sample_token
 
 @pytest.fixture(scope="module")
 def model():
-    return GPT(GPTConfig.preset("tiny", block_size=64), rngs=nnx.Rngs(1))
+    return GPT(GPTConfig.preset("tiny", block_size=64, n_layer=2), rngs=nnx.Rngs(1))
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +132,83 @@ def test_temperature_zero_is_argmax():
 
 def test_bad_lengths(model):
     gen = Generator.from_model(model)
-    with pytest.raises(ValueError, match="max-new-tokens 64"):
-        gen.generate([[1]], max_new_tokens=64)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="max_new_tokens .*: expected an integer >= 1"):
+            gen.generate([[1]], max_new_tokens=bad)
     with pytest.raises(ValueError, match="at least one token"):
         gen.generate([[]], max_new_tokens=4)
-    # A prompt longer than the context keeps its last tokens.
-    assert len(gen.generate([list(range(100))], max_new_tokens=4, temperature=0)[0]) <= 4
+    with pytest.raises(ValueError, match="at least one token"):
+        gen.stream([], max_new_tokens=4)  # raised at the call, before any token is asked for
+
+
+def _sliding_reference(full_forward, prompt, n, L, keep, pad=0):
+    """Greedy tokens under the sliding-window policy, from the plain forward pass: the first window
+    holds the context minus the prompt's left padding; when a window would exceed it, the next one
+    starts from the last `keep` tokens."""
+    seq, w, cap = list(prompt)[-L:], 0, L - pad
+    for _ in range(n):
+        if len(seq) - w > cap:
+            w, cap = len(seq) - keep, L
+        seq.append(int(np.argmax(full_forward(seq[w:])[-1])))
+    return seq[-n:]
+
+
+def test_generates_past_the_context(model, full_forward):
+    """A 64-token context generates 200 tokens: greedy generate == greedy stream; each window
+    continues the text (== the plain forward pass over that window); the tokens before the first
+    slide are plain greedy decoding. Both prompts share one bucket: one compiled program."""
+    L = model.config.block_size
+    gen = Generator.from_model(model, stop_ids=())
+    assert gen.keep == L // 2
+    prompt = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 383, 2068, 7586, 21831, 18045, 625]  # 16: no pad
+    out = gen.generate([prompt], max_new_tokens=200, temperature=0)[0]
+    assert len(out) == 200
+    assert list(gen.stream(prompt, max_new_tokens=200, temperature=0)) == out
+    assert out == _sliding_reference(full_forward, prompt, 200, L, L // 2)
+    assert out[:L - len(prompt)] == _greedy_reference(full_forward, prompt, L - len(prompt))
+    # A 4-token prompt sits in the same 16-slot bucket: its first window is 12 tokens shorter.
+    short = prompt[:4]
+    out = gen.generate([short], max_new_tokens=200, temperature=0)[0]
+    assert out == list(gen.stream(short, max_new_tokens=200, temperature=0))
+    assert out == _sliding_reference(full_forward, short, 200, L, L // 2, pad=12)
+
+
+def test_prompt_longer_than_the_context_keeps_its_last_tokens(model, full_forward):
+    gen = Generator.from_model(model, stop_ids=())
+    L = model.config.block_size
+    long = list(range(1000, 1100))
+    out = gen.generate([long], max_new_tokens=20, temperature=0)[0]
+    assert out == gen.generate([long[-L:]], max_new_tokens=20, temperature=0)[0]
+    assert out == list(gen.stream(long, max_new_tokens=20, temperature=0))
+    assert out == _sliding_reference(full_forward, long, 20, L, L // 2)
+
+
+def test_within_the_context_nothing_slides(model, full_forward):
+    """prompt + new tokens == the context: one window, plain greedy decoding to the last slot."""
+    gen = Generator.from_model(model, stop_ids=())
+    prompt = [464, 2068, 7586, 21831]
+    n = model.config.block_size - len(prompt)
+    out = gen.generate([prompt], max_new_tokens=n, temperature=0)[0]
+    assert out == _greedy_reference(full_forward, prompt, n) == list(gen.stream(prompt, n, temperature=0))
+
+
+def test_sampling_past_the_context_is_reproducible(model):
+    """Sampled past the context: the same seed gives the same tokens, generated or streamed."""
+    gen = Generator.from_model(model, stop_ids=())
+    prompt = [464, 2068]
+    a = gen.generate([prompt], max_new_tokens=120, temperature=1.0, top_k=20, seed=5)[0]
+    assert len(a) == 120 and a == gen.generate([prompt], max_new_tokens=120, temperature=1.0, top_k=20, seed=5)[0]
+    assert list(gen.stream(prompt, max_new_tokens=120, temperature=1.0, top_k=20, seed=5)) == a
+    assert a != gen.generate([prompt], max_new_tokens=120, temperature=1.0, top_k=20, seed=6)[0]
+
+
+def test_top_k_past_the_vocabulary_keeps_all():
+    """top_k >= the vocabulary keeps every token (it was a shape error from lax.top_k)."""
+    logits = jax.random.normal(jax.random.key(4), (2, 300))
+    np.testing.assert_array_equal(filter_logits(logits, top_k=100_000), logits)
+    np.testing.assert_array_equal(filter_logits(logits, top_k=300), logits)
+    key = jax.random.key(9)
+    assert np.array_equal(sample_token(logits, key, 1.0, top_k=100_000), sample_token(logits, key, 1.0, top_k=0))
 
 
 def test_text_streamer_holds_split_characters():

@@ -83,7 +83,6 @@ def run_val(run: Path, step: int | None, data: str | None, max_tokens: int | Non
     import jax
 
     from fgpt_jax import sharding as shd
-    from fgpt_jax.data import DataConfig
     from fgpt_jax.data.pipeline import open_data
     from fgpt_jax.eval.perplexity import mean_loss, perplexity
     from fgpt_jax.loss import make_eval_step
@@ -95,15 +94,22 @@ def run_val(run: Path, step: int | None, data: str | None, max_tokens: int | Non
         fmt = "chat" if data.lower().endswith((".json", ".jsonl", ".parquet")) else "tokens"
         data_cfg = dataclasses.replace(cfg.data, path=data, format=fmt)
     elif not cfg.data.path:
-        raise ValueError(f"--run {run}: records no training data (an imported model?); pass --data DIR")
+        raise ValueError(f"--run {run}: records no training data (an imported model?); pass --data with a shard "
+                         f"directory, 'tinyshakespeare' or a conversations file")
+    chat = data_cfg.format == "chat"
+    if chat and max_tokens is not None:
+        raise ValueError(f"--max-tokens: applies to token shards; conversations ({data_cfg.path}) are scored whole "
+                         f"(every row of the held-out split)")
     mesh = shd.make_mesh()
     seq_len = cfg.train.seq_len or cfg.model.block_size
-    batch = batch_size or cfg.train.batch_size // cfg.train.grad_accum
+    batch = batch_size or cfg.train.batch_size // cfg.train.grad_accum  # the trainer's micro-batch
     batch = -(-batch // mesh.size) * mesh.size
-    windows = data_cfg.val_windows if max_tokens is None else max(1, max_tokens // seq_len)
-    if windows < batch:  # one batch, still split evenly over the devices
-        windows = batch = max(mesh.size, windows - windows % mesh.size)
-    data_cfg = dataclasses.replace(data_cfg, val_windows=windows)
+    windows = None
+    if not chat:  # conversations: every held-out row, in batches of `batch`, as the trainer reads them
+        windows = data_cfg.val_windows if max_tokens is None else max(1, max_tokens // seq_len)
+        if windows < batch:  # one batch, still split evenly over the devices
+            windows = batch = max(mesh.size, windows - windows % mesh.size)
+        data_cfg = dataclasses.replace(data_cfg, val_windows=windows)
     val = open_data(data_cfg, seq_len, batch, batch, jax.process_index(), jax.process_count(), train=False)
     if not val.val:
         raise ValueError(val.notes[0] if val.notes else f"--data {data_cfg.path}: no validation batches")
@@ -111,7 +117,7 @@ def run_val(run: Path, step: int | None, data: str | None, max_tokens: int | Non
     with _progress("val", len(val.val), progress) as bar:
         loss, tokens = mean_loss(make_eval_step(graphdef), params, val.val, shd.batch_sharding(mesh, 2), bar.update)
     return {"task": "val", "step": step, "tokens": tokens, "loss": loss, "ppl": perplexity(loss),
-            "data": data_cfg.path, "windows": windows if data_cfg.format == "tokens" else None}
+            "data": data_cfg.path, "windows": windows}
 
 
 def run_hellaswag(run: Path, step: int | None, data: Path | None, limit: int | None, batch_size: int,

@@ -34,23 +34,13 @@ from flax import nnx
 
 from fgpt_jax.config import Config
 from fgpt_jax.data import DataConfig
+from fgpt_jax.hf.gpt2_config import GPT2_VOCAB, OUR_VOCAB, HFError, hf_config, read_hf_config
 from fgpt_jax.hf.tokenizer_files import tokenizer_files
 from fgpt_jax.model import GPT, GPTConfig, abstract_model, named_leaves, param_name
 from fgpt_jax.tokenizer import END, EOT, SPECIAL_TOKENS
 
-GPT2_VOCAB = 50257  # OpenAI's vocabulary, <|endoftext|> included
-OUR_VOCAB = GPTConfig().vocab_size  # 50304: chat tokens + padding to a multiple of 64
 PREFIX = "transformer."
-# transformers' GPT2Config defaults: what from_pretrained assumes for a key config.json leaves out.
-HF_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
-                   activation_function="gelu_new", layer_norm_epsilon=1e-5, scale_attn_weights=True,
-                   scale_attn_by_inverse_layer_idx=False, add_cross_attention=False, tie_word_embeddings=True)
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh approximation our MLP uses
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-class HFError(ValueError):
-    """A checkpoint or argument that does not fit; one line: `<file/flag/tensor>: <what was expected>`."""
 
 
 def name_map(n_layer: int) -> dict[str, str]:
@@ -116,41 +106,6 @@ def _download(name: str, revision: str | None) -> Path:
     return path
 
 
-def read_hf_config(directory: Path) -> dict:
-    """config.json with transformers' defaults filled in, refused unless it describes our architecture."""
-    path = directory / "config.json"
-    if not path.is_file():
-        raise HFError(f"{path}: not found (expected a transformers GPT-2 checkpoint directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise HFError(f"{path}: not valid JSON ({e})") from None
-    if raw.get("model_type") != "gpt2":
-        raise HFError(f"{path}: model_type {raw.get('model_type')!r}: expected 'gpt2' (GPT2LMHeadModel); "
-                      f"other architectures are not supported")
-    archs = raw.get("architectures") or ["GPT2LMHeadModel"]
-    if not set(archs) <= {"GPT2LMHeadModel", "GPT2Model"}:
-        raise HFError(f"{path}: architectures {archs}: expected GPT2LMHeadModel")
-    cfg = {**HF_DEFAULTS, **raw}
-    if "n_positions" not in raw and "n_ctx" in raw:
-        cfg["n_positions"] = raw["n_ctx"]
-    checks = [
-        ("activation_function", cfg["activation_function"] in TANH_GELUS, f"one of {', '.join(TANH_GELUS)}"),
-        ("layer_norm_epsilon", abs(float(cfg["layer_norm_epsilon"]) - 1e-5) < 1e-12, "1e-05"),
-        ("n_inner", cfg["n_inner"] in (None, 4 * cfg["n_embd"]), f"null or 4 * n_embd = {4 * cfg['n_embd']}"),
-        ("scale_attn_weights", cfg["scale_attn_weights"] is True, "true"),
-        ("scale_attn_by_inverse_layer_idx", cfg["scale_attn_by_inverse_layer_idx"] is False, "false"),
-        ("add_cross_attention", cfg["add_cross_attention"] is False, "false"),
-        ("tie_word_embeddings", cfg["tie_word_embeddings"] is True, "true (our LM head is the embedding)"),
-        ("vocab_size", GPT2_VOCAB <= cfg["vocab_size"] <= OUR_VOCAB,
-         f"between {GPT2_VOCAB} (GPT-2's tokenizer, which this code uses) and {OUR_VOCAB}"),
-    ]
-    for key, ok, expected in checks:
-        if not ok:
-            raise HFError(f"{path}: {key}={cfg[key]!r}: expected {expected}")
-    return cfg
-
-
 class _Tensors:
     """Name -> (shape, loader) over a checkpoint's files, so names and shapes are checked before any
     array is read and only one tensor is in host memory at a time."""
@@ -165,9 +120,13 @@ class _Tensors:
         elif index.is_file():
             self.source = index
             try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise HFError(f"{index}: expected a JSON object with a weight_map ({e})") from None
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or UTF-8
+                first = (str(e).strip().splitlines() or [""])[0][:160]
+                raise HFError(f"{index}: expected a JSON object with a weight_map ({type(e).__name__}: {first})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise HFError(f"{index}: weight_map: expected an object of tensor name -> file name")
+            shards = sorted(set(weight_map.values()))
             for shard in shards:
                 self._add_safetensors(directory / shard)
         elif (directory / "pytorch_model.bin").is_file():
@@ -271,7 +230,11 @@ def from_hf(path_or_name: str, revision: str | None = None) -> tuple[GPT, Config
 
     arrays = {}
     for ours, short in name_map(L).items():
-        arrays[ours] = np.asarray(tensors.loaders[key[short]](), dtype=np.float32)
+        arrays[ours] = x = np.asarray(tensors.loaders[key[short]](), dtype=np.float32)
+        if not np.isfinite(x).all():
+            bad = int(x.size - np.isfinite(x).sum())
+            raise HFError(f"{key[short]}: {bad} of {x.size} values are NaN or inf: expected finite weights "
+                          f"(a diverged or corrupted checkpoint)")
     if "lm_head.weight" in key:
         head = tensors.loaders[key["lm_head.weight"]]()
         if head.shape != want["wte.weight"] or not np.array_equal(head, arrays["wte/embedding"]):
@@ -310,21 +273,6 @@ def export_vocab_size(wte_VD: np.ndarray) -> int:
     while n > GPT2_VOCAB and np.array_equal(wte_VD[n - 1], fill):
         n -= 1
     return n
-
-
-def hf_config(gcfg: GPTConfig, vocab_size: int) -> dict:
-    """config.json of GPT2LMHeadModel for `gcfg` (dropout 0: our model trains without it)."""
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": vocab_size, "n_positions": gcfg.block_size, "n_ctx": gcfg.block_size,
-        "n_embd": gcfg.n_embd, "n_layer": gcfg.n_layer, "n_head": gcfg.n_head, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-05, "initializer_range": 0.02,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True, "use_cache": True,
-        "bos_token_id": SPECIAL_TOKENS[EOT], "eos_token_id": SPECIAL_TOKENS[EOT],
-        "torch_dtype": "float32",
-    }
 
 
 def to_hf(model: GPT, config: Config | GPTConfig, path: str | os.PathLike, vocab_size: int | None = None) -> Path:

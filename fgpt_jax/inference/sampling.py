@@ -1,6 +1,6 @@
 """Token sampling: temperature / top-k / top-p as pure functions of (logits, key).
 
-Kept apart from the model and the KV-cache loop (generate.py) so every sampler, the trainer's
+Kept apart from the model and the KV-cache loop (generator.py) so every sampler, the trainer's
 text samples and the chat REPL included, filters logits the same way.
 """
 
@@ -11,8 +11,9 @@ import jax.numpy as jnp
 
 
 def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """Set logits outside the top-k / top-p (nucleus) set to -inf. top_k=0 and top_p=1 keep all."""
-    if top_k > 0:
+    """Set logits outside the top-k / top-p (nucleus) set to -inf. top_k=0 and top_p=1 keep all;
+    a top_k of the vocabulary's size or more keeps all too (clamped, not an error)."""
+    if 0 < top_k < logits_BV.shape[-1]:
         kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
     if top_p < 1.0:

@@ -265,7 +265,7 @@ class Trainer:
         if scorer is not None:
             hooks.append(H.HellaSwag(t.hellaswag_every, scorer, self.setup.graphdef))
         hooks.append(H.TextSample(t.sample_every, self.setup.graphdef, t.sample_prompt,
-                                  min(t.sample_tokens, cfg.model.block_size - 1), chat=cfg.data.format == "chat"))
+                                  t.sample_tokens, chat=cfg.data.format == "chat"))
         return hooks
 
     def _set_aside_after(self, step: int) -> None:

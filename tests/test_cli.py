@@ -1,0 +1,147 @@
+"""Every command as a new user meets it: the README's own commands work with their defaults, stderr
+carries no library chatter, and bad values of every flag end in one `error:` line with status 2.
+
+The commands run as real subprocesses (`python -m fgpt_jax.<command>`), as a user runs them, on a
+run directory written by `save_model` (an untrained model of the quickstart's context, 128 tokens).
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flax import nnx
+
+from fgpt_jax.checkpoint import save_model
+from fgpt_jax.config import Config
+from fgpt_jax.data import DataConfig
+from fgpt_jax.model import GPT, GPTConfig
+
+DATA = Path(__file__).parent / "data"
+# The quickstart's context (128) with a body small enough to compile in seconds.
+MODEL = GPTConfig.preset("tiny", n_layer=1, n_head=2, n_embd=32)
+CHATTER = re.compile(r"^(WARNING|INFO|W\d{4}|I\d{4})|WARNING:|INFO:|UserWarning|DeprecationWarning|Traceback")
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", *map(str, args)], input=stdin, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A pretrained-looking run (data.format tokens) and an instruction-tuned-looking one (chat)."""
+    root = tmp_path_factory.mktemp("runs")
+    model = GPT(MODEL, rngs=nnx.Rngs(0))
+    base = save_model(root / "tiny", model, Config(name="tiny", model=MODEL), step=3)
+    chat = save_model(root / "sft", model, Config(name="sft", model=MODEL, data=DataConfig(
+        format="chat", path=str(DATA / "instruction-examples.json"))), step=5)
+    return base, chat
+
+
+def quiet(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if CHATTER.search(line)]
+
+
+def test_readme_quickstart_generate_with_defaults(runs):
+    """`python -m fgpt_jax.generate --run runs/tiny --prompt "ROMEO:"`: the default --max-new-tokens
+    (128) on a 128-token context used to be refused; now the window slides. Nothing else on stderr."""
+    base, _ = runs
+    r = cli("fgpt_jax.generate", "--run", base, "--prompt", "ROMEO:")
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+    assert r.stdout.startswith("ROMEO:") and len(r.stdout) > len("ROMEO:\n")
+
+
+def test_generate_top_k_past_the_vocabulary_and_an_empty_prompt(runs):
+    """--top-k 100000 was a JAX shape error (it now keeps every token); an empty prompt (no token)
+    was refused (it now starts a new document)."""
+    base, _ = runs
+    r = cli("fgpt_jax.generate", "--run", base, "--prompt", "", "--top-k", "100000", "--max-new-tokens", "4",
+            "--num-samples", "2")
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+    assert [json.loads(line)["sample"] for line in r.stdout.splitlines()] == [0, 1]
+
+
+def test_chat_on_a_pretrained_run_says_so_once(runs):
+    base, chat = runs
+    r = cli("fgpt_jax.chat", "--run", base, "--prompt", "Hello", "--max-new-tokens", "4")
+    assert r.returncode == 0 and r.stdout.endswith("\n")
+    assert r.stderr.splitlines() == [
+        f"note: {base} was not instruction-tuned (data.format 'tokens'): answers will be text continuations; "
+        f"fine-tune it first with python -m fgpt_jax.train --config sft --config.init_from={base}"]
+    # An instruction-tuned run: no note; the chat default (256 new tokens) on a 128-token context works.
+    r = cli("fgpt_jax.chat", "--run", chat, stdin="Who are you?\n")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.endswith("\n"), r.stderr[-3000:]
+
+
+def test_eval_and_export_print_no_library_chatter(runs, tmp_path):
+    """orbax/absl warnings ("Given directory is read only", "setting save_interval_steps=0") used to
+    appear on every command that reads a checkpoint; a user reads them as errors."""
+    base, _ = runs
+    for args in (["fgpt_jax.eval", "val", "--run", base, "--max-tokens", "512"],
+                 ["fgpt_jax.eval", "hellaswag", "--run", base, "--data", DATA / "hellaswag_val_200.txt", "--limit",
+                  "4"],
+                 ["fgpt_jax.hf", "export", "--run", base, "--out", tmp_path / "hf"]):
+        r = cli(*args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert quiet(r.stderr) == [] and r.stderr == "", (args[0], r.stderr[-3000:])
+        assert "\r" not in r.stdout + r.stderr  # no progress bar when not on a terminal
+
+
+BAD = [
+    # generate: checked types for every number (--seed past 2^63 was an OverflowError, nan was accepted)
+    (["fgpt_jax.generate", "--seed", str(2**64)], "argument --seed: expected an integer in [0, 4294967295]"),
+    (["fgpt_jax.generate", "--seed", "-1"], "argument --seed: expected an integer in [0, 4294967295]"),
+    (["fgpt_jax.generate", "--temperature", "nan"], "argument --temperature: expected a finite number, got 'nan'"),
+    (["fgpt_jax.generate", "--temperature", "inf"], "argument --temperature: expected a finite number"),
+    (["fgpt_jax.generate", "--temperature", "-0.5"], "argument --temperature: expected a number in [0.0, 100.0]"),
+    (["fgpt_jax.generate", "--top-k", "-1"], "argument --top-k: expected a non-negative integer"),
+    (["fgpt_jax.generate", "--top-k", "1.5"], "argument --top-k: expected an integer, got '1.5'"),
+    (["fgpt_jax.generate", "--top-p", "0"], "argument --top-p: expected a number in (0.0, 1.0]"),
+    (["fgpt_jax.generate", "--top-p", "nan"], "argument --top-p: expected a finite number"),
+    (["fgpt_jax.generate", "--max-new-tokens", "0"], "argument --max-new-tokens: expected a positive integer"),
+    (["fgpt_jax.generate", "--num-samples", "0"], "argument --num-samples: expected an integer in [1, 1024]"),
+    (["fgpt_jax.generate", "--step", "-3"], "argument --step: expected a non-negative integer"),
+    # chat: the same checked sampling flags
+    (["fgpt_jax.chat", "--seed", str(2**63)], "argument --seed: expected an integer in [0, 4294967295]"),
+    (["fgpt_jax.chat", "--temperature", "nan"], "argument --temperature: expected a finite number"),
+    (["fgpt_jax.chat", "--top-p", "1.5"], "argument --top-p: expected a number in (0.0, 1.0]"),
+    (["fgpt_jax.chat", "--max-new-tokens", "-5"], "argument --max-new-tokens: expected a positive integer"),
+    # eval
+    (["fgpt_jax.eval", "val", "--step", "-1"], "argument --step: expected a non-negative integer"),
+    (["fgpt_jax.eval", "val", "--batch-size", "0"], "argument --batch-size: expected a positive integer"),
+    (["fgpt_jax.eval", "val", "--max-tokens", "nan"], "argument --max-tokens: expected an integer, got 'nan'"),
+    (["fgpt_jax.eval", "hellaswag", "--limit", "1e9"], "argument --limit: expected an integer, got '1e9'"),
+    # hf
+    (["fgpt_jax.hf", "export", "--out", "x", "--step", "nan"], "argument --step: expected an integer, got 'nan'"),
+    (["fgpt_jax.hf", "export", "--out", "x", "--vocab-size", "100"],
+     "argument --vocab-size: expected an integer in [50257, 50304]"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", BAD, ids=[" ".join(a[0][1:3] + a[0][-2:]) for a in BAD])
+def test_bad_values_exit_2_with_one_line(runs, tmp_path, argv, expected):
+    base, _ = runs
+    module, rest = argv[0], argv[1:]
+    sub = [rest.pop(0)] if module in ("fgpt_jax.eval", "fgpt_jax.hf") else []
+    extra = ["--prompt", "x"] if module == "fgpt_jax.generate" else []
+    r = cli(module, *sub, "--run", base, *extra, *rest)
+    assert r.returncode == 2 and r.stdout == "", r.stderr[-3000:]
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), r.stderr[-3000:]
+
+
+def test_plot_bad_out_exits_2_with_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 3.0}\n')
+    r = cli("fgpt_jax.plot", "--run", tmp_path, "--out", tmp_path / "curves.xyz")
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+    assert r.stderr.startswith(f"error: --out {tmp_path / 'curves.xyz'}: unknown image extension '.xyz'")
+
+
+@pytest.mark.parametrize("module", ["fgpt_jax.generate", "fgpt_jax.chat", "fgpt_jax.eval", "fgpt_jax.hf",
+                                    "fgpt_jax.plot"])
+def test_help(module):
+    r = cli(module, "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m ") and r.stderr == ""
