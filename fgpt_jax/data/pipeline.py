@@ -127,8 +127,10 @@ def open_data(cfg: DataConfig, seq_len: int, batch_size: int, val_batch_size: in
     verification = None
     if cfg.verify == "background" and not blocking:
         verification = Verification(opened)
+        size = verification.num_bytes
         notes.append(f"data.path {cfg.path}: checking the sha256 of {len(verification.jobs)} shards "
-                     f"({verification.num_bytes / 1e9:.2f} GB) in the background (data.verify=background)")
+                     f"({f'{size / 1e9:.1f} GB' if size >= 1e9 else f'{size / 1e6:.1f} MB'}) in the background "
+                     f"(data.verify=background)")
     elif cfg.verify == "off":
         notes.append(f"data.path {cfg.path}: shards are not hashed (data.verify=off): a change outside each "
                      f"shard's fingerprint and sampled blocks goes unnoticed unless it leaves the vocabulary")
