@@ -167,9 +167,10 @@ def _parse_scalar(text: str, typ: Any, key: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _parse_scalar(text, inner, key)
     if origin is Literal:
-        if text not in args:
-            raise ConfigError(f"--config.{key}={text}: expected one of {', '.join(map(str, args))}")
-        return text
+        for a in args:  # a Literal may also hold booleans (data.verify keeps accepting true/false)
+            if text == a or (isinstance(a, bool) and text.lower() == str(a).lower()):
+                return a
+        raise ConfigError(f"--config.{key}={text}: expected one of {', '.join(map(str, args))}")
     if origin is tuple:
         items = json.loads(text) if text.startswith("[") else [s for s in text.strip("()").split(",") if s.strip()]
         elem = args[0] if args else str

@@ -7,7 +7,7 @@ import pytest
 
 import fgpt_jax.data.loader as loader_mod
 from fgpt_jax.data.loader import Rows, RowLoader, WindowLoader, val_rows, val_windows
-from fgpt_jax.data.shards import ShardSet
+from fgpt_jax.data.shards import ShardError, ShardSet
 
 T = 15  # windows of 16 tokens
 N = 3 * 1000 + 7  # token value == stream position, so a window is identified by its first token
@@ -111,6 +111,29 @@ def test_bad_arguments(shards):
         WindowLoader(shards, T, 10, process_count=4)
     with pytest.raises(ValueError, match="too few"):
         WindowLoader(shards, N, 4)
+
+
+def test_out_of_vocabulary_token_stops_with_file_and_position():
+    """Issue 13.6: a corrupt id trained on until the loss went NaN; now the batch that reads it fails,
+    naming the shard file and the token's position in it, also through grain's prefetch threads."""
+    stream = np.arange(N, dtype=np.uint16) % 1000
+    stream[2500] = 60_000  # in the third shard, which starts at 1003
+    parts = [stream[:1000], stream[1000:1003], stream[1003:]]
+    bad = ShardSet(path="corpus", split="train", manifest={}, arrays=parts, files=["a.npy", "b.npy", "c.npy"],
+                   vocab_size=50_261)
+    for prefetch in (0, 2):
+        loader = WindowLoader(bad, T, 8, seed=0, prefetch=prefetch)
+        read = 0
+        with pytest.raises(ShardError, match=r"^c\.npy: token 60000 at position 1497 is not below the vocabulary "
+                                             r"size 50261 \(corrupt shard"):
+            for _ in range(loader.windows_per_epoch // 8 + 1):  # one epoch covers every position
+                next(loader)
+                read += 1
+        assert read < loader.windows_per_epoch // 8 + 1
+    with pytest.raises(ShardError, match="c.npy: token 60000 at position 1497"):
+        val_windows(bad, T, 8, num_windows=10**6)
+    stream[2500] = 50_260  # the last id is fine
+    assert len(val_windows(bad, T, 8, num_windows=10**6)) > 0
 
 
 def test_val_windows_fixed_and_disjoint(shards):

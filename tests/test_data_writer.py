@@ -4,8 +4,10 @@ import csv
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import numpy as np
@@ -204,6 +206,161 @@ def test_cli_end_to_end(corpus, tmp_path):
 def test_cli_bad_input_is_one_line(corpus, tmp_path, args, expected):
     args = [corpus["parquet"][0] if a == "PARQUET" else str(tmp_path / "o") if a == "OUT" else a for a in args]
     r = _cli(*args)
-    assert r.returncode != 0
+    assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected), r.stderr
+
+
+# -- what --out may hold, and what a failed run leaves (issue 12, issue 13.2) ------------------------------------
+def test_out_dir_with_someone_elses_files_is_refused_untouched(corpus, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    theirs = {"train_images.npy": b"images", "val_labels.npy": b"labels", "manifest.json.bak": b"{}",
+              "train_000000.npy": b"not ours either"}
+    for name, data in theirs.items():
+        (out / name).write_bytes(data)
+    with pytest.raises(DataError, match=r"--out .*mine: not empty and not a shard directory in progress "
+                                        r"\(it holds 'manifest.json.bak' and 3 more\)"):
+        write_shards(files_source(corpus["parquet"]), str(out), shard_tokens=SHARD, val_fraction=0.1, progress=False)
+    assert _files_bytes(out) == theirs
+
+
+def test_rerun_in_its_own_directory_touches_only_its_own_names(corpus, tmp_path):
+    out = tmp_path / "part"
+    kw = dict(shard_tokens=SHARD, val_fraction=0.1, progress=False, chunk_docs=5)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(_Interrupt(files_source(corpus["parquet"]), after=97), str(out), **kw)
+    # The user drops files that merely look like ours into the directory being written.
+    theirs = {"train_images.npy": b"images", "val_labels.npy": b"labels", "manifest.json.bak": b"{}",
+              "train_000001.npy.orig": b"backup"}
+    for name, data in theirs.items():
+        (out / name).write_bytes(data)
+    write_shards(files_source(corpus["parquet"]), str(out), **kw)
+    got = _files_bytes(out)
+    assert {n: got[n] for n in theirs} == theirs
+    full = tmp_path / "full"
+    write_shards(files_source(corpus["parquet"]), str(full), **kw)
+    assert {n: b for n, b in got.items() if n not in theirs} == _files_bytes(full)
+
+
+def test_failed_run_leaves_no_directory_behind(corpus, tmp_path):
+    new = tmp_path / "new" / "deeper"
+    with pytest.raises(DataError, match="--text-field"):  # fails on the first documents: nothing is written
+        write_shards(files_source(corpus["parquet"], text_field="body"), str(new), progress=False)
+    assert not (tmp_path / "new").exists()
+    # Interrupted before the first shard completed: the directories this run created go again ...
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(_Interrupt(files_source(corpus["parquet"]), after=20), str(new), shard_tokens=10**7,
+                     progress=False, chunk_docs=5)
+    assert not (tmp_path / "new").exists()
+    # ... and a directory that existed (empty) is left as it was found.
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(_Interrupt(files_source(corpus["parquet"]), after=20), str(existing), shard_tokens=10**7,
+                     progress=False, chunk_docs=5)
+    assert existing.is_dir() and os.listdir(existing) == []
+    r = _cli("fineweb", "--files", *corpus["parquet"], "--out", str(new), "--text-field", "body")
+    assert r.returncode == 2 and not (tmp_path / "new").exists()
+
+
+def test_broken_progress_record_is_one_line(corpus, tmp_path):
+    out = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(_Interrupt(files_source(corpus["parquet"]), after=97), str(out), shard_tokens=SHARD,
+                     val_fraction=0.1, progress=False, chunk_docs=5)
+    good = json.loads((out / writer_mod.PROGRESS).read_text())
+    bad = json.loads(json.dumps(good))
+    bad["splits"]["train"]["partial"] = "../elsewhere.npy"  # the record names the files a rerun reads and keeps
+    (out / writer_mod.PROGRESS).write_text(json.dumps(bad))
+    with pytest.raises(DataError, match=r"malformed progress record \(splits.train: unexpected file name"):
+        write_shards(files_source(corpus["parquet"]), str(out), shard_tokens=SHARD, val_fraction=0.1, progress=False)
+    (out / writer_mod.PROGRESS).write_text("{half")
+    with pytest.raises(DataError, match=f"^{out / writer_mod.PROGRESS}: unreadable .*; delete {out} and start again"):
+        write_shards(files_source(corpus["parquet"]), str(out), shard_tokens=SHARD, val_fraction=0.1, progress=False)
+    (out / writer_mod.PROGRESS).write_text(json.dumps({"settings": {}, "splits": []}))
+    with pytest.raises(DataError, match=f"^{out / writer_mod.PROGRESS}: written with format=None"):
+        write_shards(files_source(corpus["parquet"]), str(out), shard_tokens=SHARD, val_fraction=0.1, progress=False)
+
+
+# -- signals: Ctrl-C exits 130 and resumes; SIGKILL leaves no tokeniser behind (issue 12, issue 13.9) ------------
+def _blocked_run(tmp_path, workers: int):
+    """A `data text` run that completes shards, then blocks reading a FIFO (its last input file), so a test
+    can signal it at a known point. Returns (process, out dir, the FIFO's content for a reference run)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = fineweb_rows()
+    # More chunks of 1M characters than the loop keeps in flight (2 x workers + 1), so a shard completes
+    # before it reaches the FIFO.
+    text = "\n\n".join(r["text"] for r in rows)
+    (src / "a.txt").write_text("\n\n".join([text] * -(-(2 * workers + 3) * writer_mod._CHUNK_CHARS // len(text))))
+    tail = "\n\n".join(r["text"] for r in rows[:10])
+    os.mkfifo(src / "b.txt")
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "fgpt_jax.data", "text", str(src / "*.txt"), "--blocks", "--out",
+                          str(out), "--shard-tokens", "50000", "--workers", str(workers), "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not ((out / writer_mod.PROGRESS).exists() and json.load(open(out / writer_mod.PROGRESS))["seq"] >= 1):
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            pytest.fail(f"the run did not complete a shard: {p.communicate()}")
+        time.sleep(0.05)
+    return p, src, out, tail
+
+
+def test_ctrl_c_exits_130_and_rerunning_resumes(tmp_path):
+    p, src, out, tail = _blocked_run(tmp_path, workers=1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip() == ("error: interrupted; rerun the same command to resume after "
+                                                   "the last complete shard"), err
+    assert not (out / "manifest.json").exists()
+    os.remove(src / "b.txt")
+    (src / "b.txt").write_text(tail)
+    args = ["text", str(src / "*.txt"), "--blocks", "--shard-tokens", "50000", "--workers", "1", "--no-progress"]
+    r = _cli(*args, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    ref = _cli(*args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0 and _files_bytes(out) == _files_bytes(tmp_path / "ref")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited; only its parent can reap it
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkill_leaves_no_tokeniser_workers(tmp_path):
+    p, _, _, _ = _blocked_run(tmp_path, workers=2)
+    kids = _children(p.pid)  # the spawned tokenisers (and multiprocessing's resource tracker)
+    assert kids
+    p.kill()
+    p.wait()
+    try:
+        deadline = time.monotonic() + 20
+        while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [k for k in kids if _alive(k)], "tokeniser workers outlived their SIGKILLed parent"
+    finally:
+        for k in kids:  # orphans would hold the pipes open: end them before reading what is left
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
+        p.communicate()

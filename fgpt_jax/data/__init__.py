@@ -26,6 +26,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 FORMATS = ("tokens", "chat")
+VERIFY = ("background", "startup", "off")
 
 
 @dataclass
@@ -37,7 +38,7 @@ class DataConfig:
     prefetch: int = 2  # batches prepared ahead by background threads (0: none)
     read_threads: int = 1  # background threads gathering batches from the memmapped shards
     val_windows: int = 1280  # fixed validation windows (capped by the val split, rounded to whole batches)
-    verify: bool = False  # check every shard's full sha256 on open (slow for large corpora; the fingerprint check always runs)
+    verify: Literal["background", "startup", "off", True, False] = "background"  # full sha256 of every shard: in a background thread (Data.check raises), before training, or never; true/false (older config.json) read as startup/off
     format: Literal["tokens", "chat"] = "tokens"  # tokens: pretraining shards; chat: conversations (SFT)
     max_prompt_tokens: int = 0  # chat: drop records with more non-reply tokens (0: no limit)
     max_response_tokens: int = 0  # chat: drop records with more reply tokens (0: no limit)
@@ -46,7 +47,11 @@ class DataConfig:
     limit: int = 0  # chat: use only the first N records of the source (0: all)
 
     def __post_init__(self):
+        if isinstance(self.verify, bool):  # config.json of fgpt-jax 0.1/0.2: verify was a boolean
+            self.verify = "startup" if self.verify else "off"
         problems = []
+        if self.verify not in VERIFY:
+            problems.append(f"verify={self.verify!r} must be one of {', '.join(VERIFY)}")
         if self.format not in FORMATS:
             problems.append(f"format={self.format!r} must be one of {', '.join(FORMATS)}")
         if not 0 <= self.val_fraction < 1:  # also refuses nan
@@ -100,4 +105,4 @@ def cache_root() -> str:
     return os.environ.get("FGPT_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fgpt_jax")
 
 
-__all__ = ["DataConfig", "Batch", "derive", "in_val_split", "cache_root", "FORMATS"]
+__all__ = ["DataConfig", "Batch", "derive", "in_val_split", "cache_root", "FORMATS", "VERIFY"]

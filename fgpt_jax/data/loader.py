@@ -9,6 +9,7 @@ W = (N - T) // (T + 1) windows of T + 1 tokens starting at o_e + j (T + 1), with
 in [0, T] so window boundaries move between epochs, and visits them in a fresh random permutation
 (no window twice in an epoch, every window once). Global window g = k B + i (step k, row i) lies in
 epoch g // W. Windows may span documents; <|endoftext|> separates them. The mask is all ones.
+Every batch's token ids are checked against the vocabulary (`ShardSet.check_vocab`, one max).
 
 `RowLoader` (instruction tuning, and any data laid out as a fixed table of rows with a mask):
 global row g is row perm_e[g mod N] of epoch e = g // N; batches wrap into the next epoch when N < B.
@@ -177,7 +178,12 @@ class WindowLoader(BatchLoader):
         return starts
 
     def batch(self, step: int) -> Batch:
-        return Batch.of_tokens(self.shards.gather(self.window_starts(self.local_rows(step)), self.window))
+        """Batch `step`. Raises ShardError (naming the shard file and position) if a token is not a
+        vocabulary id: a corrupt shard stops training here rather than as a NaN loss later."""
+        starts = self.window_starts(self.local_rows(step))
+        tokens = self.shards.gather(starts, self.window)
+        self.shards.check_vocab(tokens, starts)
+        return Batch.of_tokens(tokens)
 
     def _identity(self) -> dict:
         return {"version": STATE_VERSION, "seed": self.seed, "seq_len": self.seq_len,
@@ -257,8 +263,12 @@ def val_windows(shards: ShardSet, seq_len: int, batch_size: int, num_windows: in
         n -= n % batch_size
     starts = (np.arange(n, dtype=np.int64) * available // n) * window
     size = min(batch_size, n)
-    return [_local(Batch.of_tokens(shards.gather(starts[b:b + size], window)), size, process_index, process_count)
-            for b in range(0, n, size)]
+    batches = []
+    for b in range(0, n, size):
+        tokens = shards.gather(starts[b:b + size], window)
+        shards.check_vocab(tokens, starts[b:b + size])  # a corrupt val shard fails here, it never scores
+        batches.append(_local(Batch.of_tokens(tokens), size, process_index, process_count))
+    return batches
 
 
 def val_rows(rows: Rows, batch_size: int, pad_id: int, process_index: int = 0,

@@ -7,20 +7,67 @@ validation batches. The one place that knows which format reads which way:
           (`build_chat_data`), then `RowLoader` over the train rows and every val row (`val_rows`).
 
 A corpus without a validation split still trains (val/loss is then skipped and the log says so);
-any other problem with the val split (a missing, truncated or foreign shard) is an error, not a
-silent switch-off.
+any other problem with the val split (a missing, truncated, foreign or corrupt shard, a token
+outside the vocabulary) is an error, not a silent switch-off.
+
+Shard contents (`data.verify`). Opening always checks each shard's header, length, fingerprint and
+sampled blocks, and every batch's token ids; only the full sha256 reads every byte, which costs a
+pass over the corpus (minutes for tens of GB), so it is a choice: "background" (default) hashes
+every shard in a daemon thread while training runs and `Data.check()` raises what it found;
+"startup" hashes them before `open_data` returns; "off" never (a note says so). Without a training
+loader (`train=False`) there is no loop to call `check()`, so "background" hashes the val shards
+before returning, as "startup" does.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass, field
 
 from fgpt_jax.data import Batch, DataConfig
 from fgpt_jax.data.bundled import resolve
 from fgpt_jax.data.conversations import build_chat_data, load_conversations
 from fgpt_jax.data.loader import BatchLoader, RowLoader, WindowLoader, val_rows, val_windows
-from fgpt_jax.data.shards import ShardError, open_shards, read_manifest
+from fgpt_jax.data.shards import ShardError, ShardSet, file_sha256, open_shards, read_manifest
 from fgpt_jax.tokenizer import get_tokenizer
+
+
+class Verification:
+    """The full sha256 of shards checked against their manifest in a daemon thread.
+
+    `error` holds the first mismatch (a ShardError naming the file) once the thread finds it;
+    `done` is set when every shard was hashed, a mismatch was found, or `stop()` was called."""
+
+    def __init__(self, shard_sets: list[ShardSet]):
+        self.jobs = [(f, e["sha256"]) for s in shard_sets
+                     for f, e in zip(s.files, s.manifest["splits"][s.split]["shards"])]
+        self.num_bytes = sum(os.path.getsize(f) for f, _ in self.jobs)
+        self.error: ShardError | None = None
+        self.done, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fgpt-jax shard verification", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for path, expected in self.jobs:
+                if self._stop.is_set():
+                    return
+                try:
+                    ok = file_sha256(path) == expected
+                except OSError as e:
+                    self.error = ShardError(f"{path}: could not be read to verify it ({e.strerror or e})")
+                    return
+                if not ok:
+                    self.error = ShardError(f"{path}: sha256 does not match the manifest (corrupt shard; "
+                                            f"found by the background verification, data.verify=background)")
+                    return
+        finally:
+            self.done.set()
+
+    def stop(self) -> None:
+        """Stop after the shard being hashed (the thread is a daemon: it never delays the exit)."""
+        self._stop.set()
 
 
 @dataclass
@@ -32,6 +79,23 @@ class Data:
     val: list[Batch]
     notes: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    verification: Verification | None = None  # the background sha256 pass (data.verify=background)
+
+    def check(self) -> None:
+        """Raise the ShardError the background verification found; return at once otherwise.
+
+        Non-blocking (it reads a flag), so the training loop can call it every logged step: a shard
+        whose bytes differ from its manifest then stops the run within one logging interval of
+        being found, instead of training on corrupt data. A no-op when nothing runs in the
+        background (data.verify startup/off, chat data). The error is raised on every call after."""
+        if self.verification is not None and self.verification.error is not None:
+            raise self.verification.error
+
+    @property
+    def verified(self) -> bool:
+        """True once the background verification hashed every shard and found them all intact."""
+        v = self.verification
+        return v is not None and v.done.is_set() and v.error is None and not v._stop.is_set()
 
     def check(self) -> None:
         """Raise ShardError if a background verification of the shards found a mismatch. Cheap: the
@@ -50,17 +114,31 @@ def open_data(cfg: DataConfig, seq_len: int, batch_size: int, val_batch_size: in
     if cfg.format == "chat":
         return _chat(cfg, seq_len, batch_size, val_batch_size, process_index, process_count, train, first_row)
     path = resolve(cfg.path)
-    loader, notes = None, []
+    blocking = cfg.verify == "startup" or (cfg.verify == "background" and not train)
+    opened: list[ShardSet] = []
+    loader, notes, val = None, [], []
     if train:
-        loader = WindowLoader(open_shards(path, "train", verify=cfg.verify), seq_len, batch_size, seed=cfg.seed,
-                              process_index=process_index, process_count=process_count, prefetch=cfg.prefetch,
-                              read_threads=cfg.read_threads, first_row=first_row)
+        opened.append(open_shards(path, "train", verify=blocking))
+        loader = WindowLoader(opened[-1], seq_len, batch_size, seed=cfg.seed, process_index=process_index,
+                              process_count=process_count, prefetch=cfg.prefetch, read_threads=cfg.read_threads,
+                              first_row=first_row)
     if read_manifest(path)["splits"]["val"]["num_tokens"] == 0:
         notes.append(f"data.path {cfg.path}: no validation split (made with --val-fraction 0); val/loss is skipped")
-        return Data(loader, [], notes)
-    val = val_windows(open_shards(path, "val", verify=cfg.verify), seq_len, val_batch_size, cfg.val_windows,
-                      process_index=process_index, process_count=process_count)
-    return Data(loader, val, notes)
+    else:
+        opened.append(open_shards(path, "val", verify=blocking))
+        val = val_windows(opened[-1], seq_len, val_batch_size, cfg.val_windows,
+                          process_index=process_index, process_count=process_count)
+    verification = None
+    if cfg.verify == "background" and not blocking:
+        verification = Verification(opened)
+        size = verification.num_bytes
+        notes.append(f"data.path {cfg.path}: checking the sha256 of {len(verification.jobs)} shards "
+                     f"({f'{size / 1e9:.1f} GB' if size >= 1e9 else f'{size / 1e6:.1f} MB'}) in the background "
+                     f"(data.verify=background)")
+    elif cfg.verify == "off":
+        notes.append(f"data.path {cfg.path}: shards are not hashed (data.verify=off): a change outside each "
+                     f"shard's fingerprint and sampled blocks goes unnoticed unless it leaves the vocabulary")
+    return Data(loader, val, notes, verification=verification)
 
 
 def _chat(cfg: DataConfig, seq_len, batch_size, val_batch_size, process_index, process_count, train,
@@ -81,4 +159,4 @@ def _chat(cfg: DataConfig, seq_len, batch_size, val_batch_size, process_index, p
     return Data(loader, val, notes, chat.stats)
 
 
-__all__ = ["Data", "open_data", "ShardError"]
+__all__ = ["Data", "Verification", "open_data", "ShardError"]

@@ -13,15 +13,21 @@ import re
 from collections.abc import Iterator, Sequence
 
 FINEWEB_REPO = "HuggingFaceFW/fineweb-edu"
+HUB_TIMEOUT_S = 10.0  # the one Hub request made before streaming (check_hub)
 # Local file suffix -> `datasets` packaged builder.
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 # Project Gutenberg markers; the START marker may wrap onto a second line before its closing ***.
-_PG_START = re.compile(r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)[^*]*\*{3}",
+_PG_START = re.compile(r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)[^*]*\*{3}.*$",
                        re.MULTILINE | re.IGNORECASE)
-_PG_END = re.compile(r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)",
-                     re.MULTILINE | re.IGNORECASE)
-_PG_WINDOW = 100_000  # characters: PG headers are ~1 KB, the licence after END ~20 KB
+_PG_END = re.compile(r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)", re.MULTILINE | re.IGNORECASE)
+# The header's first line names Project Gutenberg ("The Project Gutenberg eBook of ..."); the licence
+# after END closes with the newsletter sentence, or (older files) with "*** END: FULL LICENSE ***".
+_PG_TITLE = re.compile(r"^.*Project Gutenberg", re.MULTILINE | re.IGNORECASE)
+_PG_LICENCE_ENDS = (re.compile(r"^\*{3}\s*END:\s*FULL\s+LICENSE\s*\*{3}", re.MULTILINE | re.IGNORECASE),
+                    re.compile(r"to\s+hear\s+about\s+new\s+e-?books\.", re.IGNORECASE))
+_PG_HEADER_MAX = 20_000  # characters before START searched for the header's first line (headers: ~0.5-1.5 KB)
+_PG_LICENCE_MAX = 40_000  # characters after END that may be licence (it is ~18-20 KB)
 _BLANK_LINES = re.compile(r"\n[ \t]*\n+")
 
 
@@ -29,18 +35,43 @@ class DataError(ValueError):
     """Bad user input; the message reads `<file or flag>: <what was expected>`."""
 
 
-def strip_gutenberg(text: str) -> str:
-    """The book between Project Gutenberg's START/END markers (header and licence removed).
+def _line_end(text: str, pos: int) -> int:
+    end = text.find("\n", pos)
+    return len(text) if end < 0 else end + 1
 
-    Text without the markers is returned unchanged, so non-Gutenberg files pass through."""
-    # The markers sit near the ends; searching there first avoids a multiline scan of whole books.
-    head = min(len(text), _PG_WINDOW)
-    start = _PG_START.search(text, 0, head) or (_PG_START.search(text) if head < len(text) else None)
-    if start is None:
-        return text
-    tail = max(start.end(), len(text) - _PG_WINDOW)
-    end = _PG_END.search(text, tail) or (_PG_END.search(text, start.end()) if tail > start.end() else None)
-    return text[start.end(): end.start() if end else len(text)].strip("\r\n")
+
+def strip_gutenberg(text: str) -> tuple[str, int]:
+    """(`text` without Project Gutenberg's headers and licences, number of characters removed).
+
+    Stripping happens only around a matched START/END pair: from the header's first line (the first
+    line naming Project Gutenberg within 20,000 characters before START) through the START line, and
+    from the END line through the licence's closing line. Without a closing line, what follows END
+    is stripped only if it is short enough to be the licence alone (40,000 characters), else only
+    the END line goes. So text before or after a book (an appendix, another book) is kept, and each
+    of several books in one file is stripped the same way. Without a matched pair (no markers, or a
+    START without END) the text is returned unchanged."""
+    pieces, pos, removed = [], 0, 0
+    while True:
+        start = _PG_START.search(text, pos)
+        end = _PG_END.search(text, start.end()) if start else None
+        if end is None:
+            break
+        title = _PG_TITLE.search(text, max(pos, start.start() - _PG_HEADER_MAX), start.start())
+        head = title.start() if title else start.start()
+        body = _line_end(text, start.end())
+        after = _line_end(text, end.start())
+        nxt = _PG_START.search(text, after)
+        stop = nxt.start() if nxt else len(text)
+        window = min(stop, after + _PG_LICENCE_MAX)
+        closing = next((m for m in (r.search(text, after, window) for r in _PG_LICENCE_ENDS) if m), None)
+        tail = _line_end(text, closing.end()) if closing else stop if stop - after <= _PG_LICENCE_MAX else after
+        pieces += [text[pos:head], text[body:end.start()]]
+        removed += (body - head) + (tail - end.start())
+        pos = tail
+    if pos == 0:
+        return text, 0
+    pieces.append(text[pos:])
+    return "\n\n".join(p.strip("\r\n") for p in pieces if p.strip()), removed
 
 
 def expand_files(patterns: Sequence[str], flag: str = "--files") -> list[str]:
@@ -105,12 +136,43 @@ class DatasetsSource:
         self._ds.load_state_dict(state)
 
 
+def check_hub(repo: str, timeout: float = HUB_TIMEOUT_S) -> None:
+    """Fail fast, with one line that suggests --files, when the Hub cannot serve `repo`.
+
+    `datasets` retries an unreachable Hub five times with backoff, and its final error does not say
+    what to do instead.
+    Offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) fails at once; otherwise one metadata
+    request (through huggingface_hub, so HF_ENDPOINT, proxies and tokens apply) must answer
+    within `timeout` seconds."""
+    import datasets.config
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import RepositoryNotFoundError
+
+    hint = "download the files elsewhere and pass them with --files"
+    if getattr(datasets.config, "HF_HUB_OFFLINE", False) or getattr(datasets.config, "HF_DATASETS_OFFLINE", False):
+        raise DataError(f"--repo {repo}: cannot be streamed, the Hugging Face Hub is off (HF_HUB_OFFLINE or "
+                        f"HF_DATASETS_OFFLINE is set); {hint}")
+    try:
+        HfApi().dataset_info(repo, timeout=timeout)
+    except RepositoryNotFoundError:
+        raise DataError(f"--repo {repo}: no such dataset on the Hub (or it is private or gated: log in with "
+                        f"`hf auth login`)") from None
+    except Exception as e:  # connection refused, DNS failure, timeout, proxy or server error
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise DataError(f"--repo {repo}: the Hugging Face Hub is unreachable ({reason}); {hint}") from None
+
+
 def hub_source(name: str = "sample-10BT", repo: str = FINEWEB_REPO, split: str = "train",
                text_field: str = "text", id_field: str = "id") -> DatasetsSource:
-    """FineWeb-Edu (or any Hub dataset with a text column), streamed."""
+    """FineWeb-Edu (or any Hub dataset with a text column), streamed; `check_hub` first."""
+    check_hub(repo)
     import datasets  # imported late: it is slow to import and only the writer needs it
 
-    ds = datasets.load_dataset(repo, name=name, split=split, streaming=True)
+    try:
+        ds = datasets.load_dataset(repo, name=name, split=split, streaming=True)
+    except (ValueError, OSError) as e:  # a bad --name, or the Hub went away between the two requests
+        raise DataError(f"--name {name}: could not stream {repo} ({' '.join(str(e).split())[:300]}); check --name, "
+                        f"or download the files elsewhere and pass them with --files") from e
     return DatasetsSource(ds, text_field, id_field, f"{repo}/{name}",
                           {"kind": "hub", "repo": repo, "name": name, "split": split,
                            "text_field": text_field, "id_field": id_field})
@@ -150,12 +212,14 @@ def files_source(patterns: Sequence[str], text_field: str = "text", id_field: st
 class TextSource:
     """Plain-text files: one document per file, or per blank-line block (`blocks=True`).
 
-    Project Gutenberg headers and licences are stripped when their markers are present. Line
+    Project Gutenberg headers and licences are stripped around matched markers (`strip_gutenberg`);
+    `stripped` records how much per file, for the CLI to report. Line
     endings are normalised to "\\n" (Gutenberg files are CRLF), so the same book tokenises the same."""
 
     def __init__(self, patterns: Sequence[str], blocks: bool = False, gutenberg: bool = True):
         self.files = expand_files(patterns, flag="FILES")
         self.blocks, self.gutenberg = blocks, gutenberg
+        self.stripped: dict[str, tuple[int, int]] = {}  # file -> (characters stripped, characters read), when > 0
         self._skip = 0
         self._yielded = 0
         self.description = {"kind": "text", "files": [os.path.basename(f) for f in self.files],
@@ -169,7 +233,10 @@ class TextSource:
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}: expected UTF-8 text ({e.reason} at byte {e.start})") from e
             if self.gutenberg:
-                text = strip_gutenberg(text)
+                size = len(text)
+                text, removed = strip_gutenberg(text)
+                if removed:
+                    self.stripped[path] = (removed, size)
             if self.blocks:
                 yield from (b.strip("\n") for b in _BLANK_LINES.split(text) if b.strip())
             elif text.strip():

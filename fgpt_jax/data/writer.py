@@ -1,42 +1,52 @@
-"""Tokenise documents into uint16 shards: parallel, resumable, atomic.
+"""Tokenise documents into uint16 shards: parallel, resumable, atomic, and only in its own directory.
 
-Each document becomes `<|endoftext|> + tokens` and goes to validation by `in_val_split(key)`
-(key = id, or text): stable across processes and machines, and no document is in both splits. Each split fills shards of exactly
-`shard_tokens` tokens (a document may continue in the next shard); the last shard is shorter.
+Each document becomes `<|endoftext|> + tokens` and goes to validation by `in_val_split(key)` (key =
+id, or text): stable across processes and machines, and no document is in both splits. Each split
+fills shards of exactly `shard_tokens` tokens (a document may continue in the next shard); the last
+shard is shorter.
 
-Tokenisation runs in a process pool: on the 35 Gutenberg books (2 cores) tiktoken's threaded
-`encode_ordinary_batch` gained little or nothing over one thread (4.1M tokens/s; 3.3-8.1M with
-2 threads across runs) while 2 processes reached ~10M tokens/s; see benchmarks/RESULTS.md. Workers also pack their tokens into uint16, so
-only compact arrays cross the process boundary.
+Tokenisation runs in a spawn process pool (processes beat tiktoken's threads on this workload; see
+benchmarks/RESULTS.md); workers pack their tokens into uint16, so only compact arrays cross the
+process boundary, and they exit when the parent dies, even by SIGKILL.
 
-Crash safety: every file is written to a temp name and renamed. Whenever a shard completes, the
-unfinished buffers of both splits and the source position go into `.progress.json`, so a rerun
-continues after the last complete shard and produces the same bytes as an uninterrupted run.
-`manifest.json` is written last; its presence marks the directory complete.
+Crash safety: every file is written to a temp name and renamed. `.progress.json` is written first
+(it marks the directory as this module's) and again whenever a shard completes, with the unfinished
+buffers of both splits and the source position, so a rerun continues after the last complete shard
+and produces the same bytes as an uninterrupted run. `manifest.json` is written last; its presence
+marks the directory complete. Only the names this module writes are ever removed.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
 import hashlib
 import io
 import itertools
 import json
 import multiprocessing
 import os
+import re
 import signal
+import sys
+import threading
 import time
 
 import numpy as np
 from tqdm import tqdm
 
 from fgpt_jax.data import in_val_split
-from fgpt_jax.data.shards import DTYPE, FORMAT, MANIFEST, SPLITS, VERSION, fingerprint, shard_name
+from fgpt_jax.data.shards import DTYPE, FORMAT, MANIFEST, SPLITS, VERSION, fingerprint, sampled_entry, shard_name
 from fgpt_jax.data.sources import DataError
 from fgpt_jax.tokenizer import get_tokenizer
 
 PROGRESS = ".progress.json"
+# Every name this module writes (shards, partial buffers, the two records, and their temp files): the
+# only names it ever removes. Anything else in --out, even `train_images.npy`, is the user's.
+_SPLIT = "|".join(SPLITS)
+_OURS = re.compile(rf"^(?:(?:{_SPLIT})_\d{{6}}\.npy|\.partial-(?:{_SPLIT})-\d{{6}}\.npy|"
+                   rf"{re.escape(MANIFEST)}|{re.escape(PROGRESS)})(?:\.tmp\d+)?$")
 _CHUNK_CHARS = 1_000_000  # ~250k tokens per task: small enough to balance workers, large enough to amortise IPC
 
 
@@ -48,8 +58,33 @@ def pack(token_lists: list[list[int]], eot_id: int) -> np.ndarray:
     return np.fromiter(flat, dtype=np.uint16, count=total)
 
 
-def _worker_init() -> None:
+def _exit_with_parent(parent_pid: int) -> None:
+    """Make this worker process exit when its parent dies.
+
+    A SIGKILLed parent runs no `finally` to shut the pool down, and a spawn worker waits forever on
+    the task queue (it holds a writer end of that pipe itself, so it never sees EOF). Linux:
+    PR_SET_PDEATHSIG makes the kernel SIGKILL us when the parent goes; elsewhere a daemon thread
+    polls the parent id. Either way, a parent that died before this ran is caught by the first check."""
+    watched = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            watched = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            watched = False
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not watched:
+        def poll():
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            os._exit(1)
+        threading.Thread(target=poll, name="parent watch", daemon=True).start()
+
+
+def _worker_init(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, once
+    _exit_with_parent(parent_pid)
     get_tokenizer()
 
 
@@ -61,14 +96,6 @@ def encode_pack(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return pack(lists, tok.eot_id), lengths
 
 
-class _Done:
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
 class _Tokeniser:
     """Order-preserving tokenisation: inline for one worker, a process pool otherwise."""
 
@@ -77,11 +104,16 @@ class _Tokeniser:
         # An executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool here
         # instead of being respawned forever while the parent waits.
         self.pool = (concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+            initargs=(os.getpid(),))
             if workers > 1 else None)
 
-    def submit(self, texts: list[str]):
-        return self.pool.submit(encode_pack, texts) if self.pool else _Done(encode_pack(texts))
+    def submit(self, texts: list[str]) -> concurrent.futures.Future:
+        if self.pool:
+            return self.pool.submit(encode_pack, texts)
+        done = concurrent.futures.Future()
+        done.set_result(encode_pack(texts))
+        return done
 
     def close(self) -> None:
         if self.pool:
@@ -153,7 +185,7 @@ class _SplitWriter:
         _fsync_write(path, lambda f: f.write(data))
         sha = hashlib.sha256(data).hexdigest()  # of the bytes written, without reading the file back
         self.shards.append({"file": name, "num_tokens": int(len(tokens)), "sha256": sha,
-                            "fingerprint": fingerprint(tokens)})
+                            "fingerprint": fingerprint(tokens), "sampled": sampled_entry(tokens)})
 
     def save_partial(self, seq: int) -> dict:
         name = None
@@ -172,12 +204,60 @@ def _settings(source, shard_tokens: int, val_fraction: float, max_tokens: int | 
 
 
 def _clean(out_dir: str, keep: set[str]) -> None:
-    """Remove temp files, stale partial buffers and shards beyond the last checkpoint."""
+    """Remove temp files, stale partial buffers and shards beyond the last checkpoint: only names
+    this module writes (`_OURS`), in a directory that holds its progress record or manifest."""
     for name in os.listdir(out_dir):
-        ours = name.startswith((".partial-", PROGRESS, MANIFEST)) or (
-            name.startswith(tuple(f"{s}_" for s in SPLITS)) and ".npy" in name)
-        if ours and name not in keep and name != PROGRESS:
+        if _OURS.match(name) and name not in keep and name != PROGRESS:
             os.remove(os.path.join(out_dir, name))
+
+
+def _previous_run(out_dir: str) -> tuple[dict | None, dict | None]:
+    """(manifest, progress record) left in `out_dir` by this module, or refuse a directory that holds
+    anything else: a rerun must never delete or overwrite files it did not write."""
+    if not os.path.exists(out_dir):
+        return None, None
+    if not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir}: exists and is not a directory")
+    for name in (MANIFEST, PROGRESS):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    record = json.load(f)
+                problem = None if isinstance(record, dict) else "expected a JSON object"
+            except (UnicodeDecodeError, ValueError) as e:
+                problem = f"unreadable ({' '.join(str(e).split())})"
+            if problem:
+                raise DataError(f"{path}: {problem}; delete {out_dir} and start again")
+            return (record, None) if name == MANIFEST else (None, record)
+    names = sorted(n for n in os.listdir(out_dir) if not re.fullmatch(rf"{re.escape(PROGRESS)}\.tmp\d+", n))
+    if names:  # not ours (ours always holds its progress record first): refuse rather than clean
+        raise DataError(f"--out {out_dir}: not empty and not a shard directory in progress (it holds {names[0]!r}"
+                        f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}); use a new or empty directory")
+    return None, None
+
+
+def _make_dirs(path: str) -> list[str]:
+    """Create `path` and its missing parents; return those created, deepest first."""
+    created, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        created.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    return created
+
+
+def _undo(out_dir: str, created: list[str]) -> None:
+    """After a failure before any shard completed: remove what this run wrote (its records and
+    temp files, nothing else) and the directories it created, if they are then empty."""
+    for name in os.listdir(out_dir):
+        if _OURS.match(name):
+            os.remove(os.path.join(out_dir, name))
+    for d in created:
+        try:
+            os.rmdir(d)  # only succeeds on an empty directory
+        except OSError:
+            break
 
 
 def _chunks(source, max_docs: int):
@@ -193,10 +273,31 @@ def _chunks(source, max_docs: int):
         yield docs, json.loads(json.dumps(source.state_dict()))
 
 
+def _check_progress(state: dict, path: str, out_dir: str) -> dict:
+    """The progress record's structure (it names the files a rerun keeps and reads back)."""
+    try:
+        for sp in SPLITS:
+            saved = state["splits"][sp]
+            names = [sh["file"] for sh in saved["shards"]] + ([saved["partial"]] if saved["partial"] else [])
+            if not all(isinstance(n, str) and _OURS.match(n) for n in names):
+                raise ValueError(f"splits.{sp}: unexpected file name among {names}")
+            int(saved["num_documents"]), int(saved["partial_tokens"])
+        int(state["documents"]), int(state["seq"])
+        state["source_state"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: malformed progress record ({e}); delete {out_dir} and start again") from e
+    return state
+
+
 def write_shards(source, out_dir: str, shard_tokens: int = 100_000_000, val_fraction: float = 0.005,
                  workers: int | None = None, max_tokens: int | None = None, progress: bool = True,
                  chunk_docs: int = 4096) -> dict:
-    """Tokenise `source` into `out_dir`; resume if a previous run stopped. Returns the manifest."""
+    """Tokenise `source` into `out_dir`; resume if a previous run stopped. Returns the manifest.
+
+    `out_dir` must be new, empty, or a directory this function wrote (its progress record or
+    manifest is there); anything else is refused, and only the names it writes are ever removed.
+    Nothing is written before the first documents were read (bad input fails first); a run that
+    fails before completing a shard removes what it wrote, including the directories it created."""
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens: expected a positive integer, got {shard_tokens}")
     if not 0.0 <= val_fraction < 1.0:
@@ -205,39 +306,70 @@ def write_shards(source, out_dir: str, shard_tokens: int = 100_000_000, val_frac
         raise DataError(f"--max-tokens: expected a positive integer, got {max_tokens}")
     workers = workers or os.cpu_count() or 1
     settings = _settings(source, shard_tokens, val_fraction, max_tokens)
-    os.makedirs(out_dir, exist_ok=True)
     manifest_path, progress_path = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, PROGRESS)
 
-    def same_settings(saved: dict, what: str) -> None:
+    def same_settings(saved, what: str) -> None:
+        saved = saved if isinstance(saved, dict) else {}
         for k, v in settings.items():
             if saved.get(k) != v:
                 raise DataError(f"{what}: written with {k}={saved.get(k)!r}, this run has {v!r}; "
                                 f"use another --out directory or delete this one")
 
-    if os.path.exists(manifest_path):  # already complete: rerunning is a no-op
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
+    manifest, state = _previous_run(out_dir)
+    if manifest is not None:  # already complete: rerunning is a no-op
         same_settings(manifest, manifest_path)
         return manifest
-    state = None
-    if os.path.exists(progress_path):
-        with open(progress_path, encoding="utf-8") as f:
-            state = json.load(f)
-        same_settings(state["settings"], progress_path)
-    keep = set()
-    if state:
-        for s in state["splits"].values():
-            keep |= {sh["file"] for sh in s["shards"]} | ({s["partial"]} if s["partial"] else set())
-    _clean(out_dir, keep)
-
-    writers = {s: _SplitWriter(s, out_dir, shard_tokens, state["splits"][s] if state else None) for s in SPLITS}
-    docs_done, seq = (state["documents"], state["seq"]) if state else (0, 0)
-    if state:
-        source.load_state_dict(state["source_state"])
-    total = sum(w.num_tokens for w in writers.values())
-    done = max_tokens is not None and total >= max_tokens
+    if state is not None:
+        same_settings(state.get("settings"), progress_path)
+        _check_progress(state, progress_path, out_dir)
+        if state["source_state"] is not None:
+            source.load_state_dict(state["source_state"])
     chunks = _chunks(source, chunk_docs)
-    first = None if done else next(chunks, None)  # read before the bar: bad input fails with one clean line
+    resumed_tokens = 0 if state is None else sum(
+        sum(sh["num_tokens"] for sh in sp["shards"]) + sp["partial_tokens"] for sp in state["splits"].values())
+    done = max_tokens is not None and resumed_tokens >= max_tokens
+    # Read before writing anything: bad input (a missing column, a bad file) fails with one clean line.
+    first = None if done else next(chunks, None)
+    if first is None and not state:
+        chunks.close()
+        raise DataError(f"{source.description.get('files', source.description)}: no documents found")
+    created: list[str] = []
+    try:
+        created = _make_dirs(out_dir)
+        if state is None:  # the record that marks the directory as ours, before any other file
+            state = {"settings": settings, "documents": 0, "seq": 0, "source_state": None,
+                     "splits": {sp: {"shards": [], "num_documents": 0, "partial": None, "partial_tokens": 0}
+                                for sp in SPLITS}}
+            save_json(progress_path, state)
+        keep = set()
+        for sp in state["splits"].values():
+            keep |= {sh["file"] for sh in sp["shards"]} | ({sp["partial"]} if sp["partial"] else set())
+        _clean(out_dir, keep)
+        writers = {sp: _SplitWriter(sp, out_dir, shard_tokens, state["splits"][sp]) for sp in SPLITS}
+        return _tokenise(source, chunks, first, writers, state, settings, out_dir, workers, val_fraction,
+                         max_tokens, progress, done)
+    except BaseException:
+        chunks.close()
+        if os.path.isdir(out_dir) and not os.path.exists(manifest_path) and _completed_shards(progress_path) == 0:
+            _undo(out_dir, created)  # nothing to resume: leave the disk as this run found it
+        raise
+
+
+def _completed_shards(progress_path: str) -> int:
+    try:
+        with open(progress_path, encoding="utf-8") as f:
+            return int(json.load(f)["seq"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _tokenise(source, chunks, first, writers: dict, state: dict, settings: dict, out_dir: str, workers: int,
+              val_fraction: float, max_tokens: int | None, progress: bool, done: bool) -> dict:
+    """The pipelined loop of `write_shards`: tokenise chunks in the pool, fill shards, checkpoint the
+    progress whenever a shard completes, then write the manifest."""
+    manifest_path, progress_path = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, PROGRESS)
+    docs_done, seq = int(state["documents"]), int(state["seq"])
+    total = sum(w.num_tokens for w in writers.values())
     bar = tqdm(desc=f"tokenising -> {out_dir}", unit=" docs", initial=docs_done, disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
     t0, tokens_at_start = time.perf_counter(), total
