@@ -225,3 +225,29 @@ def test_nan_guard_names_the_step_and_keeps_the_checkpoint(tmp_path):
     from flax import nnx
     import jax
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_a_shard_corrupted_between_the_sampled_blocks_stops_training(tmp_path):
+    """Bytes changed where opening a shard does not look are found by the background sha256 pass
+    (data.verify=background), and the trainer stops on it instead of training on corrupt data."""
+    from fgpt_jax.data.bundled import CORPUS_FILE
+    from fgpt_jax.data.shards import SAMPLE_BLOCK_TOKENS, SAMPLE_BLOCKS, ShardError
+    from fgpt_jax.data.sources import TextSource
+    from fgpt_jax.data.writer import write_shards
+    shards = tmp_path / "shards"
+    write_shards(TextSource([CORPUS_FILE], blocks=True, gutenberg=False), str(shards), val_fraction=0.1,
+                 workers=1, progress=False)
+    path = shards / "train_000000.npy"
+    tokens = np.load(path, mmap_mode="r")
+    n = len(tokens)
+    assert n > SAMPLE_BLOCKS * SAMPLE_BLOCK_TOKENS  # else the sampled check reads every token
+    starts = np.arange(SAMPLE_BLOCKS, dtype=np.int64) * (n - SAMPLE_BLOCK_TOKENS) // (SAMPLE_BLOCKS - 1)
+    gap = int(starts[10] + SAMPLE_BLOCK_TOKENS + 1)
+    assert gap < starts[11]  # a token no open-time check reads
+    offset = path.stat().st_size - tokens.nbytes + 2 * gap
+    del tokens
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\x01\x00")  # a valid id: only the full hash can tell
+    with pytest.raises(ShardError, match="train_000000.npy: sha256 does not match the manifest"):
+        train(cfg_of(f"data.path={shards}", "train.steps=200", "data.verify=background"), tmp_path / "run")

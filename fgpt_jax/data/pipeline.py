@@ -97,10 +97,6 @@ class Data:
         v = self.verification
         return v is not None and v.done.is_set() and v.error is None and not v._stop.is_set()
 
-    def check(self) -> None:
-        """Raise ShardError if a background verification of the shards found a mismatch. Cheap: the
-        trainer calls it every step. (Shards are checked on open; background verification: to come.)"""
-
 
 def open_data(cfg: DataConfig, seq_len: int, batch_size: int, val_batch_size: int, process_index: int = 0,
               process_count: int = 1, train: bool = True, first_row: int = 0) -> Data:
