@@ -88,7 +88,8 @@ def dpo_losses(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen:
     if loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
     elif loss_type == "sigmoid":
-        losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(-beta * h)
+        losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+                  - label_smoothing * jax.nn.log_sigmoid(-beta * h))
     else:
         raise ValueError(f"loss_type {loss_type!r}: expected 'sigmoid' or 'ipo'")
     return losses, beta * chosen_ratio, beta * rejected_ratio

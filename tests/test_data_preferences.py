@@ -14,7 +14,8 @@ from fgpt_jax.data.sources import DataError
 
 DEMO = Path(__file__).parent / "data" / "dpo_en_demo_first120.json"
 
-CONV = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", "Capital of France?")]
+CONV = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello! How can I help?"),
+        ("user", "Capital of France?")]
 CHOSEN, REJECTED = "Paris.", "London, I think."
 SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 
@@ -54,7 +55,8 @@ def test_every_layout_gives_the_same_pair(tmp_path):
     ultra = {"prompt": CONV[-1][1], "prompt_id": "abc", "chosen": msgs(CONV + [("assistant", CHOSEN)]),
              "rejected": msgs(CONV + [("assistant", REJECTED)]), "messages": msgs(CONV + [("assistant", CHOSEN)]),
              "score_chosen": 8.0, "score_rejected": 3.5}
-    explicit = {"prompt": msgs(CONV), "chosen": msgs([("assistant", CHOSEN)]), "rejected": msgs([("assistant", REJECTED)])}
+    explicit = {"prompt": msgs(CONV), "chosen": msgs([("assistant", CHOSEN)]),
+                "rejected": msgs([("assistant", REJECTED)])}
     implicit = {"chosen": msgs(CONV + [("assistant", CHOSEN)]), "rejected": msgs(CONV + [("assistant", REJECTED)])}
     for rec in (sharegpt, ultra, explicit, implicit):
         assert to_pair(rec, "f", 0) == full
@@ -150,7 +152,8 @@ def test_filters_drop_and_count_each_rule(tok):
 def test_truncation_cuts_inside_the_template(tok):
     conv = (("system", "Be brief."), ("user", "first " * 30), ("assistant", "answer " * 30), ("user", "last " * 30))
     pair = Pair(conv, "good " * 100, "bad " * 10)
-    data = build_preference_data([pair], 128, max_prompt_tokens=20, max_response_tokens=50, truncate=True, val_fraction=0)
+    data = build_preference_data([pair], 128, max_prompt_tokens=20, max_response_tokens=50, truncate=True,
+                                 val_fraction=0)
     assert data.stats["truncated_prompt"] == data.stats["truncated_response"] == data.stats["kept"] == 1
     row, mask = data.train.tokens[0].tolist(), data.train.mask[0]
     system, _ = tok.render_chat([{"role": "system", "content": "Be brief."}])

@@ -94,7 +94,8 @@ def test_data_file_matches_transformers(runs, pairs_file, tmp_path):
         end = tok.convert_tokens_to_ids("<|end|>")
         values = []
         for q, *replies in SHORT:
-            prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+            prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=True)
             prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
             for reply in replies:
                 ids = prompt + tok(reply)["input_ids"] + [end]

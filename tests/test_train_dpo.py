@@ -47,7 +47,10 @@ def _reference_losses(pc, pr, rc, rr, beta, eps, kind):
     pc, pr, rc, rr = (np.asarray(x, np.float64) for x in (pc, pr, rc, rr))
     h = (pc - rc) - (pr - rr)
     log_sigmoid = lambda x: -np.logaddexp(0.0, -x)
-    loss = (h - 1 / (2 * beta)) ** 2 if kind == "ipo" else -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)
+    if kind == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        loss = -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)
     return loss, beta * (pc - rc), beta * (pr - rr)
 
 
@@ -108,7 +111,10 @@ def test_loss_gradient_matches_the_analytic_one():
         gc, gr = jax.grad(lambda a, b: jnp.sum(dpo_losses(a, b, rc, rr, beta, eps, kind)[0]), argnums=(0, 1))(pc, pr)
         h = (pc.astype(np.float64) - rc) - (pr.astype(np.float64) - rr)
         sig = lambda x: 1 / (1 + np.exp(-x))
-        want = 2 * (h - 1 / (2 * beta)) if kind == "ipo" else -beta * (1 - eps) * sig(-beta * h) + beta * eps * sig(beta * h)
+        if kind == "ipo":
+            want = 2 * (h - 1 / (2 * beta))
+        else:
+            want = -beta * (1 - eps) * sig(-beta * h) + beta * eps * sig(beta * h)
         np.testing.assert_allclose(np.asarray(gc), want, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(np.asarray(gr), -want, rtol=1e-4, atol=1e-6)
 
@@ -198,7 +204,8 @@ def sft_run(tmp_path_factory):
                                                         "train.sample_tokens=4", "optim.warmup_steps=2"]), base)
     train(resolve_config("sft", [f"init_from={base}", f"data.path={DATA / 'instruction-examples.json'}",
                                  "data.max_prompt_tokens=0", "data.max_response_tokens=0", "train.steps=30",
-                                 "train.batch_size=8", "train.eval_every=0", "train.ckpt_every=0", "train.sample_tokens=4",
+                                 "train.batch_size=8", "train.eval_every=0", "train.ckpt_every=0",
+                                 "train.sample_tokens=4",
                                  "optim.lr=2e-3", "optim.warmup_steps=2"]), sft)
     return sft
 
@@ -256,8 +263,11 @@ def load_config_of(run):
 
 def _dpo_values(run):
     """Every logged number but timings and text, by step."""
-    skip = ("tokens_per_sec", "mfu", "samples")
-    return {r["step"]: {k: v for k, v in r.items() if k not in skip} for r in read_metrics(run)}
+    values: dict = {}
+    for r in read_metrics(run):
+        timing_or_text = ("tokens_per_sec", "mfu", "samples")
+        values.setdefault(r["step"], {}).update({k: v for k, v in r.items() if k not in timing_or_text})
+    return values
 
 
 def test_sigterm_then_resume_is_exact(sft_run, tmp_path):
@@ -301,7 +311,8 @@ def test_dpo_needs_a_starting_run_and_checks_its_knobs(tmp_path):
 def test_cli_bad_preference_file_is_one_line(sft_run, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prompt": "Q", "chosen": "A", "rejected": "B"},
-                               {"conversations": [{"from": "human", "value": "Q"}], "rejected": {"from": "gpt", "value": "A"}}]))
+                               {"conversations": [{"from": "human", "value": "Q"}],
+                                "rejected": {"from": "gpt", "value": "A"}}]))
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "fgpt_jax.train", "--config", "dpo", f"--config.init_from={sft_run}",
                         f"--config.data.path={bad}", "--run", str(run)], capture_output=True, text=True, timeout=300)
@@ -311,6 +322,28 @@ def test_cli_bad_preference_file_is_one_line(sft_run, tmp_path):
 
 def test_chat_takes_the_dpo_run_as_instruction_tuned(dpo_run):
     run = dpo_run[0]
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.chat", "--run", str(run), "--prompt", "Hi", "--temperature", "0",
-                        "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "fgpt_jax.chat", "--run", str(run), "--prompt", "Hi",
+                        "--temperature", "0", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]  # no "not instruction-tuned" note
+
+
+@pytest.mark.slow
+def test_two_devices_and_accumulation_match_one_batch(sft_run, tmp_path):
+    """Pairs split over 2 devices and 2 micro-batches (their reference log-probs with them) give the
+    numbers of one device and one batch."""
+    overrides = [f"init_from={sft_run}", *DPO, "data.limit=48", "train.batch_size=4", "train.steps=3",
+                 "train.eval_every=3", "train.log_every=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(resolve_config("dpo", overrides), one)
+    r = subprocess.run([sys.executable, "-m", "fgpt_jax.train", "--config", "dpo", "--run", str(two),
+                        *[f"--config.{o}" for o in overrides + ["train.grad_accum=2"]]],
+                       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(2 x 2 pairs x 2 x 64), 2 device(s)" in (two / "train.log").read_text()
+    a, b = _dpo_values(one), _dpo_values(two)
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3] and "val/rewards/margin" in a[3] and "rewards/margin" in a[3]
+    for step in a:
+        for k, v in a[step].items():
+            if k != "step":
+                assert b[step][k] == pytest.approx(v, rel=1e-4, abs=1e-5), (step, k)

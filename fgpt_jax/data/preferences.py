@@ -112,7 +112,8 @@ def _reply(value, what: str, bad) -> str:
     """A ShareGPT reply: {from: gpt, value} or a plain string."""
     if isinstance(value, str):
         return value
-    if isinstance(value, dict) and SHAREGPT_ROLES.get(value.get("from")) == "assistant" and isinstance(value.get("value"), str):
+    if (isinstance(value, dict) and SHAREGPT_ROLES.get(value.get("from")) == "assistant"
+            and isinstance(value.get("value"), str)):
         return value["value"]
     raise bad(f"'{what}' must be {{from: gpt, value: string}} or a string, got {value!r:.80}")
 

@@ -18,6 +18,7 @@ their hash, so resuming onto different reference numbers is refused rather than 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -45,8 +46,14 @@ REFERENCE_FILE = "reference_logps.npz"
 
 def dpo_eval_step(graphdef: nnx.GraphDef, dpo: DPOConfig, mesh: Mesh) -> Callable:
     """The DPO eval program (fgpt_jax.loss.make_dpo_eval_step), outputs replicated on `mesh` (every
-    process reads them). The reference pass and validation both run it, so they agree bit for bit."""
-    return make_dpo_eval_step(graphdef, dpo.beta, dpo.label_smoothing, dpo.loss, NamedSharding(mesh, P()))
+    process reads them). The reference pass and validation both run it, so they agree bit for bit;
+    it is cached by (model graph, dpo settings, mesh), so a run compiles it once for both."""
+    return _eval_step(graphdef, dpo.beta, dpo.label_smoothing, dpo.loss, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_step(graphdef, beta, label_smoothing, loss, mesh) -> Callable:
+    return make_dpo_eval_step(graphdef, beta, label_smoothing, loss, NamedSharding(mesh, P()))
 
 
 def row_logps(eval_step: Callable, params, rows: Rows, batch_pairs: int, mesh: Mesh,
@@ -104,7 +111,8 @@ class Reference:
     With `reuse` (a resumed run), rows whose hash RUN/reference_logps.npz holds are read from it;
     others are scored with `init_from`'s latest checkpoint (in batches of `batch_pairs`, the run's
     validation batches, with the run's DPO settings: the same program as validation), loaded on
-    first need and dropped by `release()`. `save()` writes the file when something was scored; nothing is written before.
+    first need and dropped by `release()`. `save()` writes the file when something was scored;
+    nothing is written before.
     `notes` says what was read or scored, for the run's log."""
 
     def __init__(self, run_dir: str | os.PathLike, init_from: str, dpo: DPOConfig, mesh: Mesh, batch_pairs: int,

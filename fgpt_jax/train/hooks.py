@@ -29,8 +29,8 @@ from fgpt_jax.data import Batch
 from fgpt_jax.data.loader import BatchLoader
 from fgpt_jax.eval.dpo import preference_metrics
 from fgpt_jax.eval.perplexity import mean_loss
-from fgpt_jax.loss import DPO_METRICS
 from fgpt_jax.inference.generator import Generator
+from fgpt_jax.loss import DPO_METRICS
 from fgpt_jax.tokenizer import get_tokenizer
 
 # FGPT's fixed questions: their greedy answers are logged during instruction tuning.

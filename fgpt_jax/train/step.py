@@ -72,14 +72,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     """
 
     def step(state: TrainState, batch: Batch):
-        n_targets = jnp.maximum(objective.count(batch), 1.0)
+        count = jnp.maximum(objective.count(batch), 1.0)  # target tokens, or pairs
 
         def micro(carry, micro_batch):
             grads_acc, loss_acc, metrics_acc = carry
 
             def loss_fn(params):
                 loss_sum, _, metric_sums = objective.sums(nnx.merge(graphdef, params), micro_batch)
-                return loss_sum / n_targets, metric_sums
+                return loss_sum / count, metric_sums
 
             (loss, metric_sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss,
@@ -92,7 +92,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"train/loss": loss, "grad_norm": grad_norm, **lr_fn(state.step),
-                   **{k: v / n_targets for k, v in metric_sums.items()}}
+                   **{k: v / count for k, v in metric_sums.items()}}
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
@@ -111,7 +111,6 @@ class Setup:
     abstract_state: Any  # ShapeDtypeStructs with shardings: the restore target
     init: Callable  # init(base_params or None) -> TrainState, created directly in its shardings
     train_step: Callable  # (state, Batch[A, B, ...]) -> (state, metrics); state donated
-    objective: Objective  # what train_step minimises (validation sums the same)
 
 
 def build_setup(cfg: Config, mesh) -> Setup:
@@ -130,6 +129,5 @@ def build_setup(cfg: Config, mesh) -> Setup:
     shardings = shd.tree_shardings(abstract, mesh, cfg.train.sharding)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     init = jax.jit(fresh_state, out_shardings=shardings)
-    objective = objective_for(cfg)
-    return Setup(graphdef, tx, shardings, abstract, init, make_train_step(graphdef, tx, lr_fn, shardings, objective),
-                 objective)
+    return Setup(graphdef, tx, shardings, abstract, init,
+                 make_train_step(graphdef, tx, lr_fn, shardings, objective_for(cfg)))

@@ -193,8 +193,8 @@ class Trainer:
         warm = cfg.init_from and cfg.init_mode == "warm" and not resume
         preference = cfg.data.format == "preference"
         if preference and (not cfg.init_from or cfg.init_mode != "params"):
-            raise TrainingError("data.format=preference (DPO): set init_from=RUN_DIR, the run to start from and compare "
-                                "with (an SFT run), and init_mode=params")
+            raise TrainingError("data.format=preference (DPO): set init_from=RUN_DIR, the run to start from and "
+                                "compare with (an SFT run), and init_mode=params")
         if cfg.init_from and not resume:
             _check_base(cfg)
         start = _check_run(cfg, run, resume, resume_step)
@@ -204,7 +204,8 @@ class Trainer:
             base_step, base_data = _warm_source(cfg)
             first_row = _rows_read(base_data)
         # DPO: the reference scores every row before the policy's state exists, then is freed.
-        reference = Reference(run.path, cfg.init_from, cfg.dpo, self.mesh, micro, reuse=start is not None) if preference else None
+        reference = (Reference(run.path, cfg.init_from, cfg.dpo, self.mesh, micro, reuse=start is not None)
+                     if preference else None)
         data = open_data(cfg.data, self.seq_len, t.batch_size, micro, jax.process_index(), jax.process_count(),
                          first_row=first_row, reference=reference)
         if reference is not None:
@@ -231,6 +232,8 @@ class Trainer:
             self.state = _warm_start(cfg, self.setup, base_step, base_data, self.loader.identity())
         else:
             base = nnx.state(load_model(cfg.init_from)[0], nnx.Param) if cfg.init_from else None
+            if base is not None:  # loaded on one device; init's output spans the mesh (jit refuses the mix)
+                base = jax.device_put(base, self.setup.state_shardings.params)
             self.state = self.setup.init(base)
         self.start = start or 0
         self.batch_sharding = shd.batch_sharding(self.mesh, 3, batch_axis=1)
