@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fgpt_jax.config import apply_overrides, load_config, resolve_config
+from flax import nnx
+
+from fgpt_jax import sharding as shd
+from fgpt_jax.checkpoint import save_model
+from fgpt_jax.config import DPOConfig, apply_overrides, load_config, resolve_config
+from fgpt_jax.data.preferences import Pair, build_preference_data
+from fgpt_jax.eval.dpo import REFERENCE_FILE, Reference, read_reference
+from fgpt_jax.model import GPT
 from fgpt_jax.train import train
 
 DEMO = Path(__file__).parent / "data" / "dpo_en_demo_first120.json"
@@ -24,10 +31,10 @@ SHORT = [("What is 2 + 2?", "4.", "I am not sure, maybe 5."), ("Say hello.", "He
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tiny pretrained run (the reference) and 4 DPO steps from it."""
-    base, dpo = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("dpo")
-    train(apply_overrides(load_config("tiny"), MODEL + ["train.steps=4", "train.batch_size=4", "train.eval_every=0",
-                                                        "train.sample_tokens=2", "optim.warmup_steps=1"]), base)
+    """A tiny model saved untrained (the reference) and 4 DPO steps from it."""
+    base, dpo = tmp_path_factory.mktemp("base") / "run", tmp_path_factory.mktemp("dpo")
+    cfg = apply_overrides(load_config("tiny"), MODEL)
+    save_model(base, GPT(cfg.model, rngs=nnx.Rngs(0)), cfg)
     last = train(resolve_config("dpo", [f"init_from={base}", f"data.path={DEMO}", "data.limit=60",
                                         "data.max_prompt_tokens=32", "data.max_response_tokens=32",
                                         "data.val_fraction=0.3", "dpo.beta=0.5", "train.steps=4", "train.batch_size=4",
@@ -59,7 +66,7 @@ def test_default_is_the_trainers_val_metrics(runs, pairs_file):
     r = _eval("--run", dpo, "--ref", base)
     assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["task"] == "dpo" and out["step"] == 4 and out["ref_step"] == 4 and out["beta"] == 0.5
+    assert out["task"] == "dpo" and out["step"] == 4 and out["ref_step"] == 0 and out["beta"] == 0.5
     keys = ("dpo/loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
             "logps/rejected")
     for k in keys:  # the same batches, the same program
@@ -133,3 +140,29 @@ def test_bad_input_is_one_line(runs, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fgpt_jax.eval", "val", "--run", str(dpo)], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "fgpt_jax.eval dpo --run" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_reference_is_scored_once_and_read_back(runs, tmp_path):
+    base, _, _ = runs
+    mesh = shd.make_mesh()
+    rows = build_preference_data([Pair((("user", q),), c, r) for q, c, r in SHORT], 64, val_fraction=0).train
+    ref = Reference(tmp_path, str(base), DPOConfig(), mesh, batch_pairs=3, reuse=True)  # nothing to reuse yet
+    logps = ref(rows)
+    assert logps.shape == (16,) and (logps < 0).all() and "16 rows scored with" in ref.notes[-1]
+    assert not (tmp_path / REFERENCE_FILE).exists()  # nothing is written before save()
+    ref.release()
+    ref.save()
+    arrays, meta = read_reference(tmp_path / REFERENCE_FILE)
+    assert meta == {"init_from": str(base), "step": 0} and list(arrays) == [rows.content_hash]
+    np.testing.assert_array_equal(arrays[rows.content_hash], logps)
+    saved = (tmp_path / REFERENCE_FILE).read_bytes()
+    again = Reference(tmp_path, str(tmp_path / "gone"), DPOConfig(), mesh, 3, reuse=True)  # init_from is not read
+    np.testing.assert_array_equal(again(rows), logps)
+    assert "log-probs of 16 rows read from" in again.notes[-1]
+    again.save()
+    assert (tmp_path / REFERENCE_FILE).read_bytes() == saved  # nothing new: not rewritten
+    fresh = Reference(tmp_path, str(base), DPOConfig(), mesh, 3, reuse=False)  # a fresh start scores again
+    np.testing.assert_array_equal(fresh(rows), logps)
+    (tmp_path / REFERENCE_FILE).write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match=r"reference_logps.npz: unreadable \(.*\); delete it to score the reference"):
+        Reference(tmp_path, str(base), DPOConfig(), mesh, 3, reuse=True)
