@@ -132,7 +132,7 @@ def test_gradient_equals_finite_differences(tiny):
     for objective in (dpo_objective(0.5, label_smoothing=0.1), dpo_objective(0.1, loss_type="ipo")):
         f = jax.jit(lambda p: _mean_loss(graphdef, objective, p, batch)[0])
         grads = jax.grad(f)(params)
-        keys = jax.random.split(jax.random.key(0), 3 * len(leaves)).reshape(3, len(leaves))
+        keys = jax.random.split(jax.random.key(0), 2 * len(leaves)).reshape(2, len(leaves))
         directions = [unit(grads)] + [unit(jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape)
                                                                         for k, x in zip(ks, leaves)])) for ks in keys]
         for i, u in enumerate(directions):
@@ -270,13 +270,23 @@ def _dpo_values(run):
     return values
 
 
-def test_sigterm_then_resume_is_exact(sft_run, tmp_path):
+SHORT = ["data.limit=48", "train.batch_size=4", "train.steps=6", "train.eval_every=3", "train.ckpt_every=3",
+         "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def straight(sft_run, tmp_path_factory):
+    """6 DPO steps on 48 records, uninterrupted: what the resumed and the 2-device runs must reproduce."""
+    run = tmp_path_factory.mktemp("straight")
+    train(dpo_config(sft_run, *SHORT), run)
+    return run
+
+
+def test_sigterm_then_resume_is_exact(sft_run, straight, tmp_path):
     """As for pretraining: stop by SIGTERM, resume, and every number and parameter matches the straight
     run; the reference log-probs are read back, not scored again."""
-    cfg = dpo_config(sft_run, "data.limit=48", "train.batch_size=4", "train.steps=6", "train.eval_every=3",
-                     "train.ckpt_every=3", "train.log_every=1")
-    straight, run = tmp_path / "straight", tmp_path / "stopped"
-    train(cfg, straight)
+    cfg = dpo_config(sft_run, *SHORT)
+    run = tmp_path / "stopped"
 
     def sigterm_at_2(step, _):
         if step == 2:
@@ -328,21 +338,19 @@ def test_chat_takes_the_dpo_run_as_instruction_tuned(dpo_run):
 
 
 @pytest.mark.slow
-def test_two_devices_and_accumulation_match_one_batch(sft_run, tmp_path):
+def test_two_devices_and_accumulation_match_one_batch(sft_run, straight, tmp_path):
     """Pairs split over 2 devices and 2 micro-batches (their reference log-probs with them) give the
     numbers of one device and one batch."""
-    overrides = [f"init_from={sft_run}", *DPO, "data.limit=48", "train.batch_size=4", "train.steps=3",
-                 "train.eval_every=3", "train.log_every=1"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(resolve_config("dpo", overrides), one)
+    two = tmp_path / "two"
+    overrides = [f"init_from={sft_run}", *DPO, *SHORT, "train.grad_accum=2"]
     r = subprocess.run([sys.executable, "-m", "fgpt_jax.train", "--config", "dpo", "--run", str(two),
-                        *[f"--config.{o}" for o in overrides + ["train.grad_accum=2"]]],
+                        *[f"--config.{o}" for o in overrides]],
                        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(2 x 2 pairs x 2 x 64), 2 device(s)" in (two / "train.log").read_text()
-    a, b = _dpo_values(one), _dpo_values(two)
-    assert sorted(a) == sorted(b) == [0, 1, 2, 3] and "val/rewards/margin" in a[3] and "rewards/margin" in a[3]
+    a, b = _dpo_values(straight), _dpo_values(two)
+    assert sorted(a) == sorted(b) == list(range(7)) and "val/rewards/margin" in a[6] and "rewards/margin" in a[6]
     for step in a:
         for k, v in a[step].items():
             if k != "step":
