@@ -30,14 +30,14 @@ def test_smoke_runs_every_section(tmp_path):
     report = (out / "gpu_check.md").read_text()
     assert report in r.stdout  # printed too: the device returns the end of the output
     titles = [line[3:] for line in report.splitlines() if line.startswith("## ")]
-    assert titles == ["Environment", "Numerics", "Throughput: gpt2", "Throughput: fgpt", "Variants: gpt2", "Real run",
+    assert titles == ["Environment", "Throughput: gpt2", "Throughput: fgpt", "Numerics", "Real run", "Variants: gpt2",
                       "XLA/JAX settings: gpt2, AdamW, micro-batch 2"]
     for bad in ("failed (rc=", "error:", "not run: time budget", "Traceback"):
         assert bad not in report, bad
     # the checkout's sources were staged and imported, configs included
     assert f"| fgpt_jax imported from | {work / 'src' / 'fgpt_jax'} |" in report
     assert (work / "src" / "fgpt_jax" / "configs" / "gpt2_124m.py").is_file()
-    # numerics: three attention rows (64; 52 padded to 56 and 64)... in smoke two, each with finite errors
+    # numerics (on a GPU: head_dim 64, and 52 padded to 56 and to 64; in smoke two cases), errors small, finite
     data = json.loads((out / "gpu_check.json").read_text())["sections"]
     att = data["Numerics"]["attention"]
     assert [(a["head_dim"], a["padded_to"]) for a in att] == [(64, 64), (52, 64)]
@@ -62,8 +62,8 @@ def test_smoke_runs_every_section(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--sections", "env,gpu"], "error: argument --sections: expected sections from env, numerics, throughput, "
-                                "peer, variants, flags, run (comma-separated), got 'env,gpu'"),
+    (["--sections", "env,gpu"], "error: argument --sections: expected sections from env, throughput, peer, "
+                                "numerics, run, variants, flags (comma-separated), got 'env,gpu'"),
     (["--plan", "4"], "error: argument --plan: invalid choice: '4' (choose from "),  # quoting varies by Python
     (["--budget", "10"], "error: argument --budget: expected an integer >= 30, got '10'"),
     (["--books", "/no/such/book.txt"], "error: --books /no/such/book.txt: not a file"),
