@@ -46,9 +46,11 @@ from gpu_sections import FLAG_SETS, MODELS, SMOKE_MODEL, run_sections  # noqa: E
 
 SECTIONS = ("env", "throughput", "peer", "numerics", "run", "variants", "flags")  # the order they run in
 PLANS = {  # one device call each (10 minutes at most), in order of importance; together the whole check
-    "1": (("env", "throughput", "peer"), ("gpt2",)),
-    "2": (("env", "throughput", "peer", "numerics"), ("fgpt",)),
-    "3": (("env", "run", "variants", "flags"), ("gpt2",)),
+    "1": (("env", "throughput", "peer"), ("gpt2",)),  # the GPT-2 goals: tokens/s, MFU, ratio to torch
+    "2": (("env", "throughput", "peer"), ("fgpt",)),  # the FGPT goal
+    "3": (("env", "numerics", "run"), ("gpt2",)),  # correctness, the HellaSwag and decode goals
+    "4": (("env", "variants"), ("gpt2", "fgpt")),  # the step-speed options (FGPT: scan's compile time)
+    "5": (("env", "flags"), ("gpt2",)),  # XLA/JAX settings
 }
 
 
@@ -163,7 +165,8 @@ def _names(choices, what: str):
         names = [n for n in text.split(",") if n]
         bad = [n for n in names if n not in choices]
         if bad or not names:
-            raise argparse.ArgumentTypeError(f"expected {what} from {', '.join(choices)} (comma-separated), got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {what} from {', '.join(choices)} (comma-separated), got {text!r}")
         return names
     parse.__name__ = what
     return parse
@@ -172,7 +175,8 @@ def _names(choices, what: str):
 def parser() -> cli.Parser:
     p = cli.Parser(prog="python scripts/gpu_check.py", description=__doc__.split("\n\n")[0],
                    epilog="Plans (one device call each): " + "; ".join(
-                       f"{k}: {','.join(s)} for {','.join(m)}" for k, (s, m) in PLANS.items()) + ". docs/gpu.md says how.")
+                       f"{k}: {','.join(s)} for {','.join(m)}" for k, (s, m) in PLANS.items())
+                   + ". docs/gpu.md says how.")
     p.add_argument("--plan", choices=sorted(PLANS), help="a preset of --sections and --models for one device call")
     p.add_argument("--sections", type=_names(SECTIONS, "sections"), help=f"default: all ({','.join(SECTIONS)})")
     p.add_argument("--models", type=_names(list(MODELS), "models"), help="for throughput/peer/variants (default both)")
@@ -181,7 +185,8 @@ def parser() -> cli.Parser:
     p.add_argument("--name", default=None, help="file name stem (default gpu_check, or plan<N>)")
     p.add_argument("--budget", type=cli.int_in(30), default=540, metavar="S",
                    help="seconds for the whole call (default 540: a device call allows 600)")
-    p.add_argument("--workdir", default="/tmp/fgpt_gpu_check", help="staged sources, shards, runs (default %(default)s)")
+    p.add_argument("--workdir", default="/tmp/fgpt_gpu_check",
+                   help="staged sources, shards, runs (default %(default)s)")
     p.add_argument("--assets", default=str(ROOT / ".gpu"), help="what fetch_gpu_wheels.sh copied (default .gpu/)")
     p.add_argument("--steps", type=cli.positive_int, default=10, help="timed steps per throughput row (default 10)")
     p.add_argument("--micro-batches", type=cli.positive_int, nargs="+", metavar="N",

@@ -38,6 +38,7 @@ FLAG_SETS = {
                                       "--xla_gpu_enable_triton_gemm=false", "XLA_PYTHON_CLIENT_MEM_FRACTION": ".95"},
 }
 
+
 def fmt(value, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -118,8 +119,8 @@ def section_throughput(c, model: str) -> None:
     head = next((r for r in raw.values() if r.get("rows")), {})
     lines = [f"Config `{config}`{' (smoke overrides: ' + ', '.join(SMOKE_MODEL[model]) + ')' if c.smoke else ''}, "
              f"T = {head.get('seq_len', 'n/a')}, {head.get('steps', c.args.steps)} timed steps; MFU: PaLM convention, "
-             f"{fmt(head.get('flops_per_token', 0) / 1e6, '.0f')} MFLOP/token over "
-             f"{fmt((head.get('peak_flops') or 0) / 1e12 or None, '.0f')} TFLOP/s dense bf16. Peer: "
+             f"{fmt(head['flops_per_token'] / 1e6 if head else None, '.0f')} MFLOP/token over "
+             f"{fmt(head['peak_flops'] / 1e12 if head.get('peak_flops') else None, '.0f')} TFLOP/s dense bf16. Peer: "
              f"{'measured' if peer_note is None else peer_note}.", "",
              *md_table(["optimizer", "micro-batch", "step ms", "tokens/s", "MFU", "compile s", "XLA GB", "peak GB",
                         "torch tokens/s", "torch MFU", "torch GB", "fgpt-jax / torch"], rows), "",
@@ -145,7 +146,8 @@ def section_flags(c) -> None:
         raw[name] = result
         r = (result["rows"] or [{}])[0]
         err = err or r.get("error")
-        rows.append([name, " ".join(f"{k}={v}" for k, v in env.items()) or "(none)", result.get("optimization_level", ""),
+        setting = " ".join(f"{k}={v}" for k, v in env.items()) or "(none)"
+        rows.append([name, setting, result.get("optimization_level", ""),
                      *([err, "", "", "", ""] if err else
                        [fmt(r["compile_s"], ".1f"), fmt(r["step_ms"], ".1f"), fmt(r["tokens_per_sec"], ",.0f"),
                         fmt(r["mfu"], ".1%"), f"{fmt(r['xla_gb'])} / {fmt(r['peak_mem_gb'], '.1f')}"])])
@@ -171,7 +173,8 @@ def section_run(c) -> None:
     r = c.python("data", ["-m", "fgpt_jax.data", "text", *books, *blocks, "--out", str(shards), "--no-progress"])
     if c.failed(r):
         return c.add("Real run", [f"tokenising: {c.failed(r)}"])
-    lines.append(f"Shards: {len(books)} file(s) tokenised in {r['seconds']:.1f} s: `{r['out'].strip().splitlines()[-1]}`")
+    summary = r["out"].strip().splitlines()[-1]
+    lines.append(f"Shards: {len(books)} file(s) tokenised in {r['seconds']:.1f} s: `{summary}`")
     config = "tiny" if c.smoke else "gpt2_124m"
     overrides = (["model.n_layer=1", "model.n_embd=64", "model.n_head=2", "model.block_size=32", "train.steps=6",
                   "train.batch_size=4", "train.grad_accum=1", "train.eval_every=3", "train.ckpt_every=3",
@@ -187,7 +190,7 @@ def section_run(c) -> None:
     metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()] \
         if (run / "metrics.jsonl").is_file() else []
     lines.append(f"`python -m fgpt_jax.train --config {config} {' '.join('--config.' + o for o in overrides)}`: "
-                 + (c.failed(r) or f"{r['seconds']:.0f} s wall clock (start, compile, steps, evaluations, checkpoints)"))
+                 + (c.failed(r) or f"{r['seconds']:.0f} s wall clock (start, compile, steps, evaluations, saves)"))
     by_step: dict = {}
     for m in metrics:
         by_step.setdefault(m["step"], {}).update({k: v for k, v in m.items() if isinstance(v, (int, float))})
@@ -198,7 +201,8 @@ def section_run(c) -> None:
                              for s in shown])]
     vals = [by_step[s]["val/loss"] for s in shown if "val/loss" in by_step[s]]
     if len(vals) >= 2:
-        lines += ["", f"val/loss {vals[0]:.3f} -> {vals[-1]:.3f}: {'falling' if vals[-1] < vals[0] else 'NOT falling'}."]
+        trend = "falling" if vals[-1] < vals[0] else "NOT falling"
+        lines += ["", f"val/loss {vals[0]:.3f} -> {vals[-1]:.3f}: {trend}."]
     if c.failed(r):
         return c.add("Real run", lines, {"metrics": metrics})
     limit = ["--limit", "8", "--batch-size", "4", "--new-tokens", "8"] if c.smoke else ["--batch-size",
@@ -228,7 +232,8 @@ def run_sections(c) -> None:
         jobs += [("throughput" if "throughput" in sel else "peer", lambda m=m: section_throughput(c, m))
                  for m in c.args.models]
     jobs += [("numerics", lambda: section_numerics(c)), ("run", lambda: section_run(c))]
-    jobs += [("variants", lambda m=m: section_variants(c, m)) for m in (c.args.models[:1] if c.smoke else c.args.models)]
+    models = c.args.models[:1] if c.smoke else c.args.models  # smoke: one small variants table
+    jobs += [("variants", lambda m=m: section_variants(c, m)) for m in models]
     jobs += [("flags", lambda: section_flags(c))]
     for name, job in jobs:
         if name not in sel:
