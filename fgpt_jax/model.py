@@ -39,8 +39,8 @@ class GPTConfig:
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN on GPU in bf16/fp16, XLA otherwise
     remat: bool = False  # recompute each block in the backward pass: less memory, ~30% more FLOPs
     attention_pad: int = 8  # cuDNN path: head_dim zero-padded up to a multiple of this (FGPT's 52 -> 56; 64 -> 64)
-    scan_layers: bool = False  # training/scoring forward as one lax.scan over the blocks: faster compiles, same params
-    loss_chunk: int = 0  # tokens per chunk of the fused LM head + cross-entropy; 0: the whole [B, T, V] logits
+    scan_layers: bool = False  # training/scoring forward as one lax.scan over the blocks (one block in the program)
+    loss_chunk: int = 0  # positions per chunk of the fused LM head + cross-entropy; 0: the whole [B, T, V] logits
 
     def __post_init__(self):
         problems = []
@@ -221,13 +221,15 @@ _run_block_remat = nnx.remat(_run_block)
 
 
 def _scan_blocks(blocks, x_BTD: jax.Array, remat: bool) -> jax.Array:
-    """The blocks applied in order as one `lax.scan`: XLA compiles one block instead of n_layer.
+    """The blocks applied in order as one `lax.scan`: the program holds one block instead of n_layer.
 
     The parameters stay where they are (`h/<i>/...`, so checkpoints, the optimizer's labels and
     the Hugging Face mapping do not change): each leaf is stacked along a new layer axis inside
     the trace, and the scan body rebuilds one block from its slice. The stack is a copy of the
     block parameters per forward pass and its transpose slices the gradients back per layer.
-    All blocks share one graph definition (one GPTConfig), which the scan requires.
+    All blocks share one graph definition (one GPTConfig), which the scan requires. Whether it
+    compiles faster depends on the backend (XLA:CPU: slower, see benchmarks/RESULTS.md), and what
+    it costs per step is a GPU measurement (scripts/bench_train.py, variant `scan`): off by default.
     """
     graphdef = nnx.graphdef(blocks[0])
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in blocks))
