@@ -14,8 +14,10 @@ the tables of what is measured, and the code of each section, are in scripts/gpu
               outputs and gradients against float32; gpt2 forward logits and train-step losses, bf16 vs float32
   run         `python -m fgpt_jax.train --config gpt2_124m` on shards of the Gutenberg books (bf16): loss,
               checkpoint save and restore time, full HellaSwag time and accuracy, KV-cache decode tokens/s
+  optim       Muon vs AdamW at 124M on the same shards (scripts/bench_optim.py, a small lr sweep each): the
+              tokens each needs to reach AdamW's final validation loss (goal: Muon <= 0.7x)
   variants    the step-speed options against their base: fused chunked loss, scan over layers, head_dim
-              padding 56 vs 64, Newton-Schulz in bf16 (skipped until the optimizer has ns_dtype)
+              padding 56 vs 64, Newton-Schulz in bf16 (optim.ns_dtype)
   flags       gpt2 (AdamW) under XLA/JAX settings: defaults, memory fraction .95, optimization level O1,
               the latency-hiding scheduler, cuBLAS-only GEMMs
 
@@ -44,13 +46,14 @@ sys.path.insert(0, str(ROOT))  # fgpt_jax.cli only: this process imports nothing
 from fgpt_jax import cli  # noqa: E402
 from gpu_sections import FLAG_SETS, MODELS, SMOKE_MODEL, run_sections  # noqa: E402  (scripts/, beside this file)
 
-SECTIONS = ("env", "throughput", "peer", "numerics", "run", "variants", "flags")  # the order they run in
+SECTIONS = ("env", "throughput", "peer", "numerics", "run", "optim", "variants", "flags")  # the order they run in
 PLANS = {  # one device call each (10 minutes at most), in order of importance; together the whole check
     "1": (("env", "throughput", "peer"), ("gpt2",)),  # the GPT-2 goals: tokens/s, MFU, ratio to torch
     "2": (("env", "throughput", "peer"), ("fgpt",)),  # the FGPT goal
     "3": (("env", "numerics", "run"), ("gpt2",)),  # correctness, the HellaSwag and decode goals
     "4": (("env", "variants"), ("gpt2", "fgpt")),  # the step-speed options (FGPT: scan's compile time)
     "5": (("env", "flags"), ("gpt2",)),  # XLA/JAX settings
+    "6": (("env", "optim"), ("gpt2",)),  # Muon vs AdamW: tokens to AdamW's final val loss at 124M
 }
 
 
@@ -196,6 +199,8 @@ def parser() -> cli.Parser:
     p.add_argument("--hellaswag", type=Path, metavar="FILE", help="default .gpu/hellaswag_val_full.txt.bz2")
     p.add_argument("--hellaswag-batch", type=cli.positive_int, default=64, help="items per HellaSwag call (default 64)")
     p.add_argument("--run-steps", type=cli.positive_int, default=300, help="steps of the real run (default 300)")
+    p.add_argument("--optim-steps", type=cli.positive_int, default=200,
+                   help="steps of each Muon/AdamW run of the optim section (default 200)")
     return p
 
 

@@ -156,25 +156,55 @@ def section_flags(c) -> None:
                     "XLA GB / peak GB"], rows), raw)
 
 
-def section_run(c) -> None:
-    a, lines = c.args, []
-    books = a.books or sorted(glob.glob(str(c.assets / "gutenberg" / "*.txt")))
+def _shards(c) -> tuple[Path | None, str]:
+    """The Gutenberg books as shards in the work directory (tokenised once per call): (dir, what happened)."""
+    books = c.args.books or sorted(glob.glob(str(c.assets / "gutenberg" / "*.txt")))
     blocks = []
     if not books and c.smoke:  # no Gutenberg here: the bundled Tiny Shakespeare, one document per speech
         books, blocks = [str(ROOT / "fgpt_jax" / "assets" / "tinyshakespeare.txt")], ["--blocks"]
-    hellaswag = a.hellaswag or (ROOT / "tests" / "data" / "hellaswag_val_200.txt" if c.smoke
-                                else c.assets / "hellaswag_val_full.txt.bz2")
-    if not books or not Path(hellaswag).is_file():
-        return c.add("Real run", [f"skipped: Gutenberg books or {hellaswag} missing (run scripts/fetch_gpu_wheels.sh "
-                                  f"and carry .gpu)"])
-    shards, run = c.work / "shards", c.work / "run"
-    for d in (shards, run, c.work / "ckpt_copy"):
-        shutil.rmtree(d, ignore_errors=True)
+    if not books:
+        return None, "skipped: the Gutenberg books are missing (run scripts/fetch_gpu_wheels.sh and carry .gpu)"
+    shards = c.work / "shards"
+    if (shards / "manifest.json").is_file():
+        return shards, f"Shards: {len(books)} file(s), tokenised earlier in this call"
+    shutil.rmtree(shards, ignore_errors=True)
     r = c.python("data", ["-m", "fgpt_jax.data", "text", *books, *blocks, "--out", str(shards), "--no-progress"])
     if c.failed(r):
-        return c.add("Real run", [f"tokenising: {c.failed(r)}"])
-    summary = r["out"].strip().splitlines()[-1]
-    lines.append(f"Shards: {len(books)} file(s) tokenised in {r['seconds']:.1f} s: `{summary}`")
+        return None, f"tokenising: {c.failed(r)}"
+    return shards, f"Shards: {len(books)} file(s) tokenised in {r['seconds']:.1f} s: `{r['out'].strip().splitlines()[-1]}`"
+
+
+def section_optim(c) -> None:
+    """Muon vs AdamW at 124M: the tokens each needs to reach AdamW's final val loss (scripts/bench_optim.py)."""
+    shards, note = _shards(c)
+    if shards is None:
+        return c.add("Optimizer: Muon vs AdamW", [note])
+    path = c.work / "bench_optim.json"
+    path.unlink(missing_ok=True)
+    args = (["--config", "tiny", *(f"--config.{o}" for o in SMOKE_MODEL["gpt2"]), "--config.train.batch_size=4",
+             "--steps", "4", "--eval-every", "2", "--adamw-lrs", "3e-3", "--muon-lrs", "0.02"] if c.smoke else
+            ["--config", "gpt2_124m", "--config.train.batch_size=32", "--config.train.grad_accum=1",
+             "--config.data.val_windows=64", "--steps", str(c.args.optim_steps), "--eval-every", "20",
+             "--adamw-lrs", "6e-4", "1.2e-3", "2.4e-3", "--muon-lrs", "0.01", "0.02", "0.04"])
+    r = c.python("optim", [str(ROOT / "scripts" / "bench_optim.py"), "--data", str(shards), *args, "--json", str(path)])
+    table = [ln for ln in r["out"].splitlines() if ln.startswith("|") or ln.startswith("Muon (lr")]
+    c.add("Optimizer: Muon vs AdamW", [note, "", *(table or [c.failed(r) or "no output"])],
+          json.loads(path.read_text()) if path.exists() else None)
+
+
+def section_run(c) -> None:
+    a, lines = c.args, []
+    hellaswag = a.hellaswag or (ROOT / "tests" / "data" / "hellaswag_val_200.txt" if c.smoke
+                                else c.assets / "hellaswag_val_full.txt.bz2")
+    if not Path(hellaswag).is_file():
+        return c.add("Real run", [f"skipped: {hellaswag} missing (run scripts/fetch_gpu_wheels.sh and carry .gpu)"])
+    shards, note = _shards(c)
+    if shards is None:
+        return c.add("Real run", [note])
+    run = c.work / "run"
+    for d in (run, c.work / "ckpt_copy"):
+        shutil.rmtree(d, ignore_errors=True)
+    lines.append(note)
     config = "tiny" if c.smoke else "gpt2_124m"
     overrides = (["model.n_layer=1", "model.n_embd=64", "model.n_head=2", "model.block_size=32", "train.steps=6",
                   "train.batch_size=4", "train.grad_accum=1", "train.eval_every=3", "train.ckpt_every=3",
@@ -231,7 +261,8 @@ def run_sections(c) -> None:
     if {"throughput", "peer"} & set(sel):
         jobs += [("throughput" if "throughput" in sel else "peer", lambda m=m: section_throughput(c, m))
                  for m in c.args.models]
-    jobs += [("numerics", lambda: section_numerics(c)), ("run", lambda: section_run(c))]
+    jobs += [("numerics", lambda: section_numerics(c)), ("run", lambda: section_run(c)),
+             ("optim", lambda: section_optim(c))]
     models = c.args.models[:1] if c.smoke else c.args.models  # smoke: one small variants table
     jobs += [("variants", lambda m=m: section_variants(c, m)) for m in models]
     jobs += [("flags", lambda: section_flags(c))]

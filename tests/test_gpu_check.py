@@ -30,8 +30,8 @@ def test_smoke_runs_every_section(tmp_path):
     report = (out / "gpu_check.md").read_text()
     assert report in r.stdout  # printed too: the device returns the end of the output
     titles = [line[3:] for line in report.splitlines() if line.startswith("## ")]
-    assert titles == ["Environment", "Throughput: gpt2", "Throughput: fgpt", "Numerics", "Real run", "Variants: gpt2",
-                      "XLA/JAX settings: gpt2, AdamW, micro-batch 2"]
+    assert titles == ["Environment", "Throughput: gpt2", "Throughput: fgpt", "Numerics", "Real run",
+                      "Optimizer: Muon vs AdamW", "Variants: gpt2", "XLA/JAX settings: gpt2, AdamW, micro-batch 2"]
     for bad in ("failed (rc=", "error:", "not run: time budget", "Traceback"):
         assert bad not in report, bad
     # the checkout's sources were staged and imported, configs included
@@ -43,6 +43,8 @@ def test_smoke_runs_every_section(tmp_path):
     assert [(a["head_dim"], a["padded_to"]) for a in att] == [(64, 64), (52, 64)]
     assert all(0 < a["out_err_vs_fp32"] < 0.1 and 0 < a["grad_err_vs_fp32"] < 0.1 for a in att)
     assert abs(data["Numerics"]["train_steps"][0]["diff"]) < 0.05
+    optim = data["Optimizer: Muon vs AdamW"]  # scripts/bench_optim.py ran both optimizers on the same shards
+    assert [r["optimizer"] for r in optim["runs"]] == ["adamw", "muon"] and optim["target"] > 0
     # throughput rows measured; the PyTorch peer says why it did not run
     for model in ("gpt2", "fgpt"):
         rows = [row for res in data[f"Throughput: {model}"]["jax"].values() for row in res["rows"]]
