@@ -31,6 +31,27 @@ def gen(model):
 
 
 @pytest.fixture(scope="module")
+def reference(model):
+    """Greedy continuation by the plain forward pass over a fixed [1, context] buffer (one compile; an
+    independent check of the cache arithmetic), with the Generator's rule for over-long prompts."""
+    graphdef, params = nnx.split(model)
+    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    T = model.config.block_size
+
+    def run(prompt, n):
+        seq = list(prompt)[-(T - n):]
+        out = []
+        for _ in range(n):
+            buf = np.zeros((1, T), np.int32)
+            buf[0, :len(seq)] = seq
+            nxt = int(np.argmax(np.asarray(fwd(params, jnp.asarray(buf)))[0, len(seq) - 1]))
+            seq.append(nxt)
+            out.append(nxt)
+        return out
+    return run
+
+
+@pytest.fixture(scope="module")
 def engine(model):
     with Engine(model, max_batch=4, max_queue=32, stop_ids=()) as eng:
         yield eng
@@ -96,15 +117,16 @@ def test_draw_follows_the_distribution_and_skips_filtered_tokens():
 
 # ---- the engine ----
 
-def test_alone_equals_generator(engine, gen, prompts):
-    for p in prompts[:4]:
-        assert engine.generate(p, GREEDY).tokens == gen.generate([p], 12, temperature=0)[0]
+def test_alone_equals_generator_and_the_full_forward(engine, gen, reference, prompts):
+    for p in prompts[:3]:
+        tokens = engine.generate(p, GREEDY).tokens
+        assert tokens == gen.generate([p], 12, temperature=0)[0] == reference(p, 12)
 
 
-def test_busy_batch_equals_alone(engine, gen, prompts):
+def test_busy_batch_equals_alone(engine, reference, prompts):
     """More requests than slots, different lengths and budgets, joining while others decode."""
     budgets = [12, 3, 30, 12, 1, 25, 8, 12, 20]
-    alone = [gen.generate([p], n, temperature=0)[0] for p, n in zip(prompts, budgets)]
+    alone = [reference(p, n) for p, n in zip(prompts, budgets)]
     reqs = []
     for p, n in zip(prompts, budgets):
         reqs.append(engine.submit(p, SamplingParams(max_tokens=n, temperature=0)))
@@ -124,7 +146,7 @@ def test_seeded_sampling_is_the_same_alone_or_batched(engine, prompts):
     assert alone[0] != engine.generate(prompts[0], SamplingParams(max_tokens=15, temperature=1.0, seed=99)).tokens
 
 
-def test_cache_shifts_keep_long_generations_exact(engine, gen, prompts):
+def test_cache_shifts_keep_long_generations_exact(engine, reference, prompts):
     """Generations long enough to run the shared index past the cache end several times (left shifts),
     with late joiners whose prompts need room on the left (right shifts)."""
     reqs, budgets = [], [60, 50, 23, 40, 63, 30]
@@ -133,18 +155,18 @@ def test_cache_shifts_keep_long_generations_exact(engine, gen, prompts):
         time.sleep(0.05)
     _wait(reqs)
     for p, n, r in zip(prompts, budgets, reqs):
-        assert r.tokens == gen.generate([p], n, temperature=0)[0]
+        assert r.tokens == reference(p, n)
 
 
 def test_prompt_longer_than_the_context_keeps_its_last_tokens(engine, gen):
     long = list(range(1000, 1100))
-    r = engine.generate(long, SamplingParams(max_tokens=10, temperature=0))
-    assert r.prompt == long[-54:] and r.dropped_prompt_tokens == 46
-    assert r.tokens == gen.generate([long], 10, temperature=0)[0]
+    r = engine.generate(long, GREEDY)
+    assert r.prompt == long[-52:] and r.dropped_prompt_tokens == 48
+    assert r.tokens == gen.generate([long], 12, temperature=0)[0]
 
 
-def test_stop_tokens_stop_and_free_the_slot(model, gen, prompts):
-    greedy = gen.generate([prompts[0]], 12, temperature=0)[0]
+def test_stop_tokens_stop_and_free_the_slot(model, reference, prompts):
+    greedy = reference(prompts[0], 12)
     stop = greedy[4]
     with Engine(model, max_batch=4, stop_ids=(stop,)) as eng:
         r = eng.generate(prompts[0], GREEDY)
@@ -211,8 +233,8 @@ def test_bad_requests_and_a_full_queue(model, engine):
         eng.submit([1, 2], GREEDY)
 
 
-def test_warmup_compiles_without_disturbing_requests(model, prompts, gen):
+def test_warmup_compiles_without_disturbing_requests(model, prompts, reference):
     with Engine(model, max_batch=4, stop_ids=()) as eng:
         r = eng.submit(prompts[3], GREEDY)
         eng.warmup()
-        assert _wait([r])[0].tokens == gen.generate([prompts[3]], 12, temperature=0)[0]
+        assert _wait([r])[0].tokens == reference(prompts[3], 12)
