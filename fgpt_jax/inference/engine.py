@@ -204,6 +204,8 @@ class Engine:
         self._pending: collections.deque = collections.deque()
         self._state = _init_state(self.config, max_batch, self.cache_len)
         self.error: BaseException | None = None
+        self.peak_active = 0  # the most requests decoded together so far (for /health and tests)
+        self.finished = collections.Counter()  # requests finished, by finish_reason
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="fgpt-engine", daemon=True)
         self._thread.start()
@@ -337,6 +339,7 @@ class Engine:
         self._rows[row], req.row = req, row
         self._starts[row] = self._index - len(req.prompt)
         self._n += 1
+        self.peak_active = max(self.peak_active, self._n)
         self._state, first = self._admit_call(self._state, req.prompt, row, req.params)
         self._pending.append(("first", req, first))
 
@@ -383,6 +386,7 @@ class Engine:
             self._n -= 1
         req.row = None
         req.finish_reason = reason
+        self.finished[reason] += 1
         req.finished.set()
         self._notify(req, None)
 

@@ -186,7 +186,6 @@ class Server:
         self.tok = get_tokenizer()
         self.block = engine.config.block_size
         self.created = int(time.time())
-        self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}
 
     # -- checks shared by both endpoints --
     def check_key(self, request: Request) -> None:
@@ -300,9 +299,6 @@ class Server:
             raise APIError(400, str(e)) from None
         return reqs, events
 
-    def note(self, req) -> None:
-        self.finished[req.finish_reason] = self.finished.get(req.finish_reason, 0) + 1
-
     async def run(self, request: Request, kind: str, body: _Sampling, prompts: list[list[int]],
                   params: list[SamplingParams], stops: list[str], dropped: int) -> Response:
         reqs, events = self.submit(prompts, params)
@@ -342,7 +338,6 @@ class Server:
         choices = []
         for i, (r, t) in enumerate(zip(reqs, texts)):
             t.finish()
-            self.note(r)
             if r.finish_reason == "error":
                 raise APIError(503, "The engine stopped while decoding.", kind="server_error")
             reason = "length" if r.finish_reason == "length" else "stop"
@@ -389,7 +384,6 @@ class Server:
                         r.cancel("stop")
                     continue
                 open_ -= 1
-                self.note(r)
                 if r.finish_reason == "error":
                     err = {"message": "The engine stopped while decoding.", "type": "server_error", "param": None,
                            "code": None}
@@ -436,7 +430,8 @@ class Server:
         ok = eng.error is None and not eng._closed
         return JSONResponse({"status": "ok" if ok else "stopped", "model": self.model_id,
                              "instruction_tuned": self.instruction_tuned, "running": eng.active_count(),
-                             "pending": eng.pending_count(), "max_batch": eng.max_batch, "finished": self.finished},
+                             "pending": eng.pending_count(), "peak_running": eng.peak_active, "max_batch": eng.max_batch,
+                             "finished": {k: eng.finished[k] for k in ("stop", "length", "cancelled", "error")}},
                             status_code=200 if ok else 503)
 
     async def page(self, request: Request) -> Response:
