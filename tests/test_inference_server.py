@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from fgpt_jax.inference.server import ChoiceText
+from fgpt_jax.inference.protocol import ChoiceText
 from fgpt_jax.tokenizer import get_tokenizer
 
 KEY = "test-key"

@@ -4,7 +4,7 @@ Routes: `GET /` (the chat page, fgpt_jax/inference/web/), `GET /health`, `GET /v
 `POST /v1/chat/completions` and `POST /v1/completions`, each streaming (server-sent events) or not.
 The wire format is OpenAI's, so its clients work unchanged; `top_k` is accepted as vLLM and llama.cpp
 accept it (0 or -1 = off). Every request is decoded by the shared `Engine`, so concurrent requests
-share one decode batch.
+share one decode batch. The wire format's models and the text of a choice live in protocol.py.
 
 Errors are OpenAI's error object `{"error": {"message", "type", "param", "code"}}` with the status:
 401 missing or wrong bearer key (with `api_key`), 413 a body, message count or message over the limits,
@@ -23,18 +23,17 @@ nor inside a possible `stop` string (held back until it is decided).
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Literal
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -43,114 +42,34 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from fgpt_jax.inference.engine import Engine, EngineBusy, EngineClosed, SamplingParams
-from fgpt_jax.inference.generator import TextStreamer
+from fgpt_jax.inference.protocol import (APIError, ChatRequest, ChoiceText, CompletionRequest, Limits, RequestBody,
+                                         SamplingFields)
 from fgpt_jax.tokenizer import get_tokenizer
 
 WEB_DIR = Path(__file__).parent / "web"
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; past these the answer is 413 (sizes) or 422 (n, stop)."""
-    max_body_bytes: int = 1 << 20
-    max_messages: int = 256  # chat messages, or prompts in one completions request
-    max_message_chars: int = 100_000
-    max_n: int = 8
-    max_stop: int = 4  # as OpenAI
+class Inbox:
+    """Tokens from the engine thread to a request's coroutine: appended to a deque, with one event-loop
+    wake-up per burst instead of one per token (the loop serves every stream)."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.ready, self.armed = loop, collections.deque(), asyncio.Event(), False
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+    def put(self, item) -> None:  # engine thread
+        self.items.append(item)
+        if not self.armed:  # checked after appending: a concurrent drain either sees the item or re-arms
+            self.armed = True
+            self.loop.call_soon_threadsafe(self.ready.set)
 
-    def response(self, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status, headers=headers)
-
-
-# ---- request models ----
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI ignores fields it does not know
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Sampling(_Body):
-    """The sampling fields of both endpoints; null means the default, as in OpenAI's API."""
-    model: str | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # default 1
-    top_p: float | None = Field(None, gt=0.0, le=1.0)  # default 1 (off)
-    top_k: int | None = Field(None, ge=-1)  # default 0; 0 or -1: off
-    max_tokens: int | None = Field(None, ge=1)  # default min(256, context / 2), as the chat CLI
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    stop: str | list[str] | None = None
-    seed: int | None = None  # any integer, taken modulo 2**32; default: a random one
-    n: int | None = Field(None, ge=1)  # default 1
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-
-
-# ---- text of one choice: UTF-8-safe pieces, stop strings held back ----
-
-class ChoiceText:
-    """Turns a choice's tokens into text deltas; finds `stop` strings across token boundaries."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.bytes = TextStreamer()
-        self.held = ""
-        self.text = ""  # everything emitted so far
-        self.stopped = False
-
-    def _emit(self, piece: str) -> str:
-        self.held += piece
-        hits = [(i, s) for s in self.stops if (i := self.held.find(s)) >= 0]
-        if hits:
-            out, self.held, self.stopped = self.held[:min(hits)[0]], "", True
-        else:  # hold back the longest tail that could still become a stop string
-            keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(self.held)), 0, -1)
-                        if self.held.endswith(s[:k])), default=0)
-            out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        self.text += out
-        return out
-
-    def push(self, token: int) -> str:
-        return "" if self.stopped else self._emit(self.bytes.push(token))
-
-    def finish(self) -> str:
-        """The rest of the text once the choice has ended (held-back text included)."""
-        if self.stopped:
-            return ""
-        out = self._emit(self.bytes.flush())
-        if not self.stopped:
-            self.text += self.held
-            out, self.held = out + self.held, ""
+    async def take(self) -> list:
+        """Everything that arrived since the last call (waits for at least a wake-up)."""
+        await self.ready.wait()
+        self.ready.clear()
+        self.armed = False
+        out = []
+        while self.items:
+            out.append(self.items.popleft())
         return out
 
 
@@ -197,7 +116,7 @@ class Server:
             raise APIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
 
-    async def body(self, request: Request, model: type[_Body]) -> _Body:
+    async def body(self, request: Request, model: type[RequestBody]) -> RequestBody:
         self.check_key(request)
         limit = self.limits.max_body_bytes
         if int(request.headers.get("content-length") or 0) > limit:
@@ -224,7 +143,7 @@ class Server:
                            param="model", code="model_not_found")
         return body
 
-    def sampling(self, body: _Sampling) -> tuple[list[SamplingParams], list[str]]:
+    def sampling(self, body: SamplingFields) -> tuple[list[SamplingParams], list[str]]:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > self.limits.max_stop:
             raise APIError(422, f"stop: at most {self.limits.max_stop} sequences", param="stop")
@@ -281,11 +200,11 @@ class Server:
     # -- running --
     def submit(self, prompts: list[list[int]], params: list[SamplingParams]):
         """Submit every (prompt, choice) pair; all or none. Returns (requests, queue of (choice, token))."""
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        events = Inbox(asyncio.get_running_loop())
         reqs = []
 
         def listener_for(i):
-            return lambda req, tok: loop.call_soon_threadsafe(events.put_nowait, (i, tok))
+            return lambda req, tok: events.put((i, tok))
         try:
             for p in prompts:
                 for sp in params:
@@ -299,7 +218,7 @@ class Server:
             raise APIError(400, str(e)) from None
         return reqs, events
 
-    async def run(self, request: Request, kind: str, body: _Sampling, prompts: list[list[int]],
+    async def run(self, request: Request, kind: str, body: SamplingFields, prompts: list[list[int]],
                   params: list[SamplingParams], stops: list[str], dropped: int) -> Response:
         reqs, events = self.submit(prompts, params)
         cut = max(r.dropped_prompt_tokens for r in reqs)
@@ -324,13 +243,13 @@ class Server:
                 tg.start_soon(watch)
                 open_ = len(reqs)
                 while open_:
-                    i, tok = await events.get()
-                    if tok is None:
-                        open_ -= 1
-                        continue
-                    texts[i].push(tok)
-                    if texts[i].stopped:
-                        reqs[i].cancel("stop")
+                    for i, tok in await events.take():
+                        if tok is None:
+                            open_ -= 1
+                            continue
+                        texts[i].push(tok)
+                        if texts[i].stopped:
+                            reqs[i].cancel("stop")
                 tg.cancel_scope.cancel()
         finally:
             for r in reqs:
@@ -373,26 +292,29 @@ class Server:
                 for i in range(len(reqs)):
                     yield chunk(i, first=True)
             open_ = len(reqs)
-            while open_:
-                i, tok = await events.get()
-                r, t = reqs[i], texts[i]
-                if tok is not None:
-                    piece = t.push(tok)
-                    if piece:
-                        yield chunk(i, piece)
-                    if t.stopped:
-                        r.cancel("stop")
-                    continue
-                open_ -= 1
-                if r.finish_reason == "error":
-                    err = {"message": "The engine stopped while decoding.", "type": "server_error", "param": None,
-                           "code": None}
-                    yield f"data: {json.dumps({'error': err})}\n\n"
-                    return
-                tail = t.finish()
-                if tail:
-                    yield chunk(i, tail)
-                yield chunk(i, finish="length" if r.finish_reason == "length" else "stop")
+            while open_:  # one write per burst: what arrived together goes out together, a delta per choice
+                out, pieces, ended = [], {}, []
+                for i, tok in await events.take():
+                    if tok is None:
+                        ended.append(i)
+                        continue
+                    pieces[i] = pieces.get(i, "") + texts[i].push(tok)
+                    if texts[i].stopped:
+                        reqs[i].cancel("stop")
+                out += [chunk(i, piece) for i, piece in pieces.items() if piece]
+                for i in ended:
+                    open_ -= 1
+                    if reqs[i].finish_reason == "error":
+                        err = {"message": "The engine stopped while decoding.", "type": "server_error", "param": None,
+                               "code": None}
+                        yield "".join(out) + f"data: {json.dumps({'error': err})}\n\n"
+                        return
+                    tail = texts[i].finish()
+                    if tail:
+                        out.append(chunk(i, tail))
+                    out.append(chunk(i, finish="length" if reqs[i].finish_reason == "length" else "stop"))
+                if out:
+                    yield "".join(out)
             if include_usage:
                 yield f"data: {json.dumps({**meta, 'object': obj, 'system_fingerprint': None, 'choices': [], 'usage': usage()})}\n\n"
             yield "data: [DONE]\n\n"
@@ -438,18 +360,23 @@ class Server:
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status,
+                        headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+
+
 async def _api_error(request: Request, exc: APIError) -> Response:
-    return exc.response({"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+    return _error_response(exc)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     message = {404: f"Unknown route {request.method} {request.url.path}.",
                405: f"Method {request.method} not allowed on {request.url.path}."}.get(exc.status_code, exc.detail)
-    return APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None).response()
+    return _error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    return APIError(500, f"Internal error: {type(exc).__name__}", kind="server_error").response()
+    return _error_response(APIError(500, f"Internal error: {type(exc).__name__}", kind="server_error"))
 
 
 def create_app(engine: Engine, model_id: str, instruction_tuned: bool, api_key: str | None = None,
