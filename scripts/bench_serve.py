@@ -8,7 +8,8 @@ greedy streaming completions through the official `openai` client, --clients at 
 aggregate completion tokens/s (from the usage chunk) against the first row (1 client: the requests one
 after another), plus the mean time to first token. A warm-up round runs first (the server also compiles
 at start). Greedy decoding never stops early on random weights, so every request decodes --max-tokens.
-Prints a markdown table.
+`--engine` adds the same rounds against the engine alone, in this process (no HTTP, no JSON, no
+client): the ceiling batching gives on this machine. Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -86,6 +87,31 @@ def run_round(client, prompts: list[str], max_tokens: int, clients: int) -> tupl
     return sum(r[0] for r in results), wall, sum(r[1] for r in results) / len(results)
 
 
+def engine_rounds(run: Path, prompts: list[str], args) -> None:
+    from fgpt_jax.checkpoint import load_model
+    from fgpt_jax.inference.engine import Engine, SamplingParams
+    from fgpt_jax.tokenizer import get_tokenizer
+    model, _ = load_model(run)
+    ids = [get_tokenizer().encode(p) for p in prompts]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    with Engine(model, max_batch=args.max_batch, stop_ids=()) as eng:
+        eng.warmup()
+        print("\nengine alone (in-process, no HTTP):")
+        print("| clients | tokens | wall s | aggregate tok/s | speed-up |")
+        print("|---:|---:|---:|---:|---:|")
+        base = None
+        for c in args.clients:
+            t0, tokens = time.perf_counter(), 0
+            for start in range(0, len(ids), c):  # c requests at a time, as c clients would keep the engine busy
+                reqs = [eng.submit(p, params) for p in ids[start:start + c]]
+                for r in reqs:
+                    r.finished.wait()
+                    tokens += r.generated
+            wall = time.perf_counter() - t0
+            base = base or tokens / wall
+            print(f"| {c} | {tokens} | {wall:.2f} | {tokens / wall:,.0f} | {tokens / wall / base:.2f}x |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, help="run directory (default: a random-init model of --preset)")
@@ -94,15 +120,18 @@ def main():
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--engine", action="store_true", help="also time the engine alone, without HTTP")
     args = p.parse_args()
+    from fgpt_jax.cli import quiet_libraries
+    quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or make_run(Path(tmp) / "run", args.preset)
+        names = ["First Citizen", "KING RICHARD", "ROMEO", "JULIET", "MENENIUS", "Nurse", "HAMLET", "LUCIO"]
+        prompts = [f"{names[i % len(names)]}: Before we proceed any further, hear me speak. ({i})"
+                   for i in range(args.requests)]
         proc, url = start(run, args.max_batch, args.requests)
         try:
             client = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=600)
-            names = ["First Citizen", "KING RICHARD", "ROMEO", "JULIET", "MENENIUS", "Nurse", "HAMLET", "LUCIO"]
-            prompts = [f"{names[i % len(names)]}: Before we proceed any further, hear me speak. ({i})"
-                       for i in range(args.requests)]
             run_round(client, prompts[:max(args.clients)], args.max_tokens, max(args.clients))  # warm-up
             import jax
             print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, server --max-batch {args.max_batch}, "
@@ -119,6 +148,8 @@ def main():
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(60)
+        if args.engine:
+            engine_rounds(run, prompts, args)
 
 
 if __name__ == "__main__":
