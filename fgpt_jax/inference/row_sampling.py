@@ -15,9 +15,9 @@ How, and why not by sorting: a per-row cutoff needs the k-th largest value or th
 cutoffs are read off the CANDIDATES largest logits (`lax.top_k`, sorted) when they lie among them,
 which is the usual case; otherwise they are found exactly by bisection over the ordered bit patterns
 of float32 (32 passes of a fused compare-and-sum over [B, V]). Filters run only when some row asks
-for one (`lax.cond`). The draw is an inverse CDF with one uniform per row (two levels: blocks of
-128 tokens, then within the block) instead of Gumbel noise over the whole vocabulary, which costs a
-random number per logit. So a seeded sample is reproducible here, but is not the same draw as
+for one (`lax.cond`). The draw is Gumbel-max in two levels (a 128-token block by its mass, then a
+token in it) instead of Gumbel noise over the whole vocabulary, which costs a random number per
+logit. So a seeded sample is reproducible here (alone or in any batch), but is not the same draw as
 `sample_token`'s for the same seed; greedy decoding is identical.
 """
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_BLOCK = 128  # tokens per first-level block of the inverse-CDF draw
+_BLOCK = 128  # tokens per block of the two-level draw
 CANDIDATES = 64  # largest logits per row in which the fast filter looks for the top-k / top-p cutoffs
 
 
@@ -98,23 +98,26 @@ def filter_rows(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) ->
                         lambda: filter_rows_exact(logits_BV, top_k_B, top_p_B))
 
 
-def draw(logits_BV: jax.Array, key_B: jax.Array, fallback_B: jax.Array) -> jax.Array:
-    """One token per row from softmax(logits), by inverse CDF on one uniform per row; `fallback_B` (the
-    row's most likely token) where rounding lands on a zero-probability token."""
+def draw(logits_BV: jax.Array, key_B: jax.Array) -> jax.Array:
+    """One token per row from softmax(logits), exactly, with ~V/128 + 128 random numbers per row instead
+    of V: Gumbel-max over the log-masses of 128-token blocks picks a block, then Gumbel-max over that
+    block's logits picks the token. Both are argmaxes of noisy values, so a rounding difference in the
+    logits (another batch size, another program) changes a draw only if it reorders two values closer
+    than the rounding itself; an inverse CDF over 50k dense boundaries would flip far more often."""
     B, V = logits_BV.shape
-    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
     pad = -V % _BLOCK
-    probs_BCK = (jnp.pad(probs_BV, ((0, 0), (0, pad))) if pad else probs_BV).reshape(B, -1, _BLOCK)
-    u_B = jax.vmap(lambda k: jax.random.uniform(k, ()))(key_B)
-    block_cum_BC = jnp.cumsum(jnp.sum(probs_BCK, -1), -1)
-    target_B = u_B * block_cum_BC[:, -1]
-    blk_B = jnp.minimum(jnp.sum(block_cum_BC <= target_B[:, None], -1), block_cum_BC.shape[1] - 1)
-    before_B = jnp.where(blk_B > 0, jnp.take_along_axis(block_cum_BC, jnp.maximum(blk_B - 1, 0)[:, None], 1)[:, 0], 0.0)
-    inner_BK = jnp.cumsum(jnp.take_along_axis(probs_BCK, blk_B[:, None, None], 1)[:, 0], -1)
-    pos_B = jnp.minimum(jnp.sum(inner_BK <= (target_B - before_B)[:, None], -1), _BLOCK - 1)
-    tok_B = blk_B * _BLOCK + pos_B
-    ok_B = (tok_B < V) & (jnp.take_along_axis(probs_BV, jnp.minimum(tok_B, V - 1)[:, None], 1)[:, 0] > 0)
-    return jnp.where(ok_B, tok_B, fallback_B).astype(jnp.int32)
+    logits_BCK = (jnp.pad(logits_BV, ((0, 0), (0, pad)), constant_values=-jnp.inf) if pad else logits_BV
+                  ).reshape(B, -1, _BLOCK)
+    C = logits_BCK.shape[1]
+
+    def one(key, logits_CK):
+        k_block, k_token = jax.random.split(key)
+        mass_C = jax.nn.logsumexp(logits_CK, axis=-1)
+        blk = jnp.argmax(mass_C + jax.random.gumbel(k_block, (C,)))
+        row_K = jax.lax.dynamic_index_in_dim(logits_CK, blk, 0, keepdims=False)
+        return blk * _BLOCK + jnp.argmax(row_K + jax.random.gumbel(k_token, (_BLOCK,)))
+
+    return jax.vmap(one)(key_B, logits_BCK).astype(jnp.int32)
 
 
 def sample_rows(logits_BV: jax.Array, key_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
@@ -134,7 +137,7 @@ def sample_rows(logits_BV: jax.Array, key_B: jax.Array, temperature_B: jax.Array
         k_B, p_B = jnp.where(hot_B, top_k_B, 0), jnp.where(hot_B, top_p_B, 1.0)  # greedy rows filter nothing
         needs = jnp.any((k_B > 0) | (p_B < 1.0))
         scaled_BV = jax.lax.cond(needs, lambda x: filter_rows(x, k_B, p_B), lambda x: x, scaled_BV)
-        return draw(scaled_BV, key_B, greedy_B)
+        return draw(scaled_BV, key_B)
 
     drawn_B = jax.lax.cond(jnp.any(hot_B), sampled, lambda _: greedy_B, None)
     return jnp.where(hot_B, drawn_B, greedy_B)
