@@ -198,8 +198,9 @@ def test_cancel_frees_the_slot_for_the_queue(model, prompts):
 
 
 def test_a_long_request_does_not_starve_a_short_one(engine, prompts):
-    long = engine.submit(prompts[0], SamplingParams(max_tokens=63, temperature=0))
-    time.sleep(0.05)
+    started = threading.Event()
+    long = engine.submit(prompts[0], SamplingParams(max_tokens=63, temperature=0), listener=lambda r, t: started.set())
+    assert started.wait(60)  # the long one is decoding: 60 steps to go, the short one needs 5
     short = engine.submit(prompts[1], SamplingParams(max_tokens=5, temperature=0))
     _wait([short])
     assert not long.finished.is_set()
