@@ -6,14 +6,16 @@
 #          `datasets` is imported only for Hub/local-file tokenisation, which the check does not use.
 #          .whl/optional/ holds flax 0.12.8, installed by gpu_check.sh only if the image's flax is not 0.12.x.
 #   .gpu/  the PyTorch reference (torch_ref_bench.py), the Gutenberg books and the full HellaSwag file,
-#          from the shared folder beside the checkout.
+#          from REFERENCE_DIR: the folder holding tools/torch_ref_bench.py, data/gutenberg_classics/*.txt
+#          and data/hellaswag/hellaswag_val_full.txt.bz2 (a developer machine has it beside the checkout).
 # Both folders are git-ignored (.gitignore, and .git/info/exclude so untracked files never travel twice).
 # Then checks that the working tree plus both folders stay under the device's 64 MiB transfer limit.
 #
-#   bash scripts/fetch_gpu_wheels.sh [SHARED_DIR]     (default: ../shared beside the checkout)
+#   bash scripts/fetch_gpu_wheels.sh REFERENCE_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SHARED=${1:-../shared}
+[ $# -eq 1 ] || { echo "error: REFERENCE_DIR: expected one argument, the folder with tools/ and data/" >&2; exit 2; }
+SHARED=$1
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
@@ -26,7 +28,7 @@ PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 
 for f in "$SHARED/tools/torch_ref_bench.py" "$SHARED/data/hellaswag/hellaswag_val_full.txt.bz2"; do
-  [ -f "$f" ] || { echo "error: $f: not found (pass the shared folder as the first argument)" >&2; exit 2; }
+  [ -f "$f" ] || { echo "error: $f: not found (REFERENCE_DIR must hold tools/ and data/)" >&2; exit 2; }
 done
 ls "$SHARED"/data/gutenberg_classics/*.txt >/dev/null 2>&1 ||
   { echo "error: $SHARED/data/gutenberg_classics: no .txt books" >&2; exit 2; }
