@@ -65,7 +65,7 @@ def test_smoke_runs_every_section(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--sections", "env,gpu"], "error: argument --sections: expected sections from env, throughput, peer, "
-                                "numerics, run, variants, flags (comma-separated), got 'env,gpu'"),
+                                "numerics, run, optim, variants, flags (comma-separated), got 'env,gpu'"),
     (["--plan", "9"], "error: argument --plan: invalid choice: '9' (choose from "),  # quoting varies by Python
     (["--budget", "10"], "error: argument --budget: expected an integer >= 30, got '10'"),
     (["--books", "/no/such/book.txt"], "error: --books /no/such/book.txt: not a file"),

@@ -15,7 +15,6 @@ passed: the lock is held, the config resolved, the data opened and the checkpoin
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import signal
 import sys
@@ -39,6 +38,7 @@ from fgpt_jax.tokenizer import N_VOCAB
 from fgpt_jax.train import hooks as H
 from fgpt_jax.train.start import TrainingError, check_base, check_run, rows_read, warm_source, warm_state
 from fgpt_jax.train.step import build_setup
+
 
 class StopSignal:
     """Set by SIGTERM/SIGINT; the loop saves and exits at the next step boundary."""
