@@ -2,7 +2,7 @@
 
     python -m fgpt_jax.train --config sft --config.init_from=runs/gpt2_124m
     python -m fgpt_jax.train --config sft --config.init_from=runs/tiny \
-        --config.data.path=../shared/data/instruction/instruction-data.json
+        --config.data.path=instruction-data.json
 
 FGPT instruction-tunes on single-turn pairs of at most 300 tokens and trains on the prompt too;
 here the loss is masked to the assistant's tokens and conversations may have many turns. The model

@@ -5,6 +5,10 @@ a bf16 forward pass never rounds the loss. Losses are returned as (sum, count) p
 summing both over micro-batches, devices and validation batches and dividing once gives the exact
 token-weighted mean however the tokens were split, also when a mask makes batches unequal.
 
+With `GPTConfig.loss_chunk = C > 0` the LM head and the cross-entropy are fused and computed C
+sequence positions at a time (`fused_loss_sum`), so the [B, T, V] float32 logits (13 GB for
+GPT-2 at 64 x 1024) and their gradient never exist whole: at most [B, C, V] at a time.
+
 Objectives (`Objective`): the language-modelling loss (pretraining, SFT) and DPO (preference
 tuning) as (loss sum, count, metric sums), the form the train step and validation add up.
 """
@@ -19,6 +23,7 @@ import optax
 from flax import nnx
 
 from fgpt_jax.data import Batch
+from fgpt_jax.model import tied_head
 
 
 def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -27,10 +32,91 @@ def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 
 def lm_loss_sums(model, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of the masked next-token losses, sum of the mask) of one batch."""
-    losses_BT = token_losses(model(batch.tokens[:, :-1]), batch.tokens[:, 1:])
+    """(sum of the masked next-token losses, sum of the mask) of one batch.
+
+    A model whose config sets `loss_chunk` (a GPT) takes the fused chunked path: the same numbers
+    without the whole logits. Any other model is called as `model(tokens) -> logits`."""
     mask_BT = batch.mask.astype(jnp.float32)
+    chunk = getattr(getattr(model, "config", None), "loss_chunk", 0)
+    if chunk:
+        h_BTD = model.hidden_states(batch.tokens[:, :-1])
+        return fused_loss_sum(h_BTD, model.head_weight(), batch.tokens[:, 1:], mask_BT, chunk), jnp.sum(mask_BT)
+    losses_BT = token_losses(model(batch.tokens[:, :-1]), batch.tokens[:, 1:])
     return jnp.sum(losses_BT * mask_BT), jnp.sum(mask_BT)
+
+
+def fused_loss_sum(h_BTD: jax.Array, w_VD: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array,
+                   chunk: int) -> jax.Array:
+    """sum over tokens of weights * cross-entropy(h @ w.T, targets), `chunk` positions at a time.
+
+    Equal to `sum(token_losses(tied_head(h, w), targets) * weights)` and differentiable in h and
+    w (not in targets or weights). Chunks run along T, so the batch axis and its sharding over
+    devices are untouched; T is padded to a multiple of `chunk` with weight 0. The gradient is
+    computed in the forward pass of differentiation (a custom VJP), chunk by chunk, from the
+    logits already in hand, so the head's matmul is not recomputed: the backward pass only
+    scales the saved dh [B, T, D] and dw [V, D] (float32) by the incoming cotangent. This is
+    exact because the output is a single weighted sum. Without differentiation (evaluation) only
+    the loss is computed.
+    """
+    B, T, D = h_BTD.shape
+    C = max(1, min(chunk, T))
+    n = -(-T // C)
+    pad = n * C - T
+    weights_BT = weights_BT.astype(jnp.float32)
+    if pad:
+        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT, weights_BT = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets_BT, weights_BT))
+    # [n, B, C, ...]: the scan runs over chunks of positions, each chunk keeps the whole batch.
+    h_nBCD = h_BTD.reshape(B, n, C, D).swapaxes(0, 1)
+    t_nBC, wt_nBC = (x.reshape(B, n, C).swapaxes(0, 1) for x in (targets_BT, weights_BT))
+    return _fused(h_nBCD, w_VD, t_nBC, wt_nBC)
+
+
+def _chunk(h_BCD, w_VD, t_BC, wt_BC):
+    """(logits [B, C, V] float32, log-sum-exp [B, C], weighted loss sum) of one chunk."""
+    logits_BCV = tied_head(h_BCD, w_VD)
+    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    target_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+    return logits_BCV, lse_BC, jnp.sum(wt_BC * (lse_BC - target_BC))
+
+
+@jax.custom_vjp
+def _fused(h_nBCD, w_VD, t_nBC, wt_nBC):
+    def step(total, xs):
+        h_BCD, t_BC, wt_BC = xs
+        return total + _chunk(h_BCD, w_VD, t_BC, wt_BC)[2], None
+
+    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), (h_nBCD, t_nBC, wt_nBC))
+    return total
+
+
+def _fused_fwd(h_nBCD, w_VD, t_nBC, wt_nBC):
+    V = w_VD.shape[0]
+    dt = h_nBCD.dtype
+    w_c = w_VD.astype(dt)
+
+    def step(carry, xs):
+        total, dw_VD = carry
+        h_BCD, t_BC, wt_BC = xs
+        logits_BCV, lse_BC, loss = _chunk(h_BCD, w_VD, t_BC, wt_BC)
+        # d(loss)/d(logits) = weight * (softmax - onehot(target)), in float32, then the head's dtype.
+        g_BCV = (jnp.exp(logits_BCV - lse_BC[..., None]) - jax.nn.one_hot(t_BC, V, dtype=jnp.float32))
+        g_BCV = (g_BCV * wt_BC[..., None]).astype(dt)
+        dh_BCD = jnp.einsum("bcv,vd->bcd", g_BCV, w_c, preferred_element_type=jnp.float32).astype(dt)
+        dw_VD = dw_VD + jnp.einsum("bcv,bcd->vd", g_BCV, h_BCD, preferred_element_type=jnp.float32)
+        return (total + loss, dw_VD), dh_BCD
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(w_VD.shape, jnp.float32))
+    (total, dw_VD), dh_nBCD = jax.lax.scan(step, init, (h_nBCD, t_nBC, wt_nBC))
+    return total, (dh_nBCD, dw_VD.astype(w_VD.dtype))
+
+
+def _fused_bwd(residuals, g):
+    dh_nBCD, dw_VD = residuals
+    return (g.astype(dh_nBCD.dtype) * dh_nBCD, g.astype(dw_VD.dtype) * dw_VD, None, None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
@@ -147,3 +233,7 @@ def make_dpo_eval_step(graphdef: nnx.GraphDef, beta: float, label_smoothing: flo
         return (*dpo_sums(logps, batch, beta, label_smoothing, loss_type), logps)
 
     return jax.jit(eval_step, out_shardings=out_sharding)
+
+
+__all__ = ["token_losses", "lm_loss_sums", "fused_loss_sum", "make_eval_step", "Objective", "LM_OBJECTIVE",
+           "sequence_logps", "dpo_losses", "dpo_sums", "dpo_objective", "make_dpo_eval_step", "DPO_METRICS"]

@@ -38,6 +38,9 @@ class GPTConfig:
     param_dtype: str = "float32"  # parameter storage dtype (optimizer state follows it)
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN on GPU in bf16/fp16, XLA otherwise
     remat: bool = False  # recompute each block in the backward pass: less memory, ~30% more FLOPs
+    attention_pad: int = 8  # cuDNN path: head_dim zero-padded up to a multiple of this (FGPT's 52 -> 56; 64 -> 64)
+    scan_layers: bool = False  # training/scoring forward as one lax.scan over the blocks (one block in the program)
+    loss_chunk: int = 0  # positions per chunk of the fused LM head + cross-entropy; 0: the whole [B, T, V] logits
 
     def __post_init__(self):
         problems = []
@@ -51,6 +54,10 @@ class GPTConfig:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {sorted(DTYPES)}")
         if self.attention not in ("auto", "xla", "cudnn"):
             problems.append(f"attention={self.attention!r} must be 'auto', 'xla' or 'cudnn'")
+        if self.attention_pad <= 0 or self.attention_pad % 8:
+            problems.append(f"attention_pad={self.attention_pad} must be a positive multiple of 8 (cuDNN's head dims)")
+        if self.loss_chunk < 0:
+            problems.append(f"loss_chunk={self.loss_chunk} must be >= 0")
         if problems:
             raise ValueError("GPTConfig: " + "; ".join(problems))
 
@@ -110,6 +117,8 @@ def causal_attention(q_BTNH: jax.Array, k_BTNH: jax.Array, v_BTNH: jax.Array, *,
     zero-padded to P = next multiple of `pad_multiple`: the extra zeros add nothing to q.k, the
     softmax scale stays 1/sqrt(H) of the true head dim, and the padded output columns (zeros,
     since v's padding is zero) are sliced away. Exact, at the cost of P/H more attention FLOPs.
+    Which P is fastest (56, the least work, or 64, a power of two the kernels may prefer) is a
+    GPU measurement: `GPTConfig.attention_pad` chooses, and scripts/bench_train.py compares.
     """
     H = q_BTNH.shape[-1]
     P = -(-H // pad_multiple) * pad_multiple
@@ -123,6 +132,12 @@ def causal_attention(q_BTNH: jax.Array, k_BTNH: jax.Array, v_BTNH: jax.Array, *,
     return out_BTNP[..., :H]
 
 
+def tied_head(x_BTD: jax.Array, w_VD: jax.Array) -> jax.Array:
+    """x @ w.T in x's dtype with float32 accumulation and output: the one definition of the
+    head, shared by `GPT.logits` and the fused cross-entropy in loss.py."""
+    return jnp.einsum("...d,vd->...v", x_BTD, w_VD.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
+
+
 def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
@@ -133,6 +148,8 @@ class CausalSelfAttention(nnx.Module):
         dt, pdt = DTYPES[config.dtype], DTYPES[config.param_dtype]
         self.n_head = config.n_head
         self.implementation = resolve_attention(config)
+        # cuDNN needs head_dim % 8 == 0; XLA does not, so only the cuDNN path is padded.
+        self.pad_multiple = config.attention_pad if self.implementation == "cudnn" else 1
         self.c_attn = nnx.Linear(D, 3 * D, use_bias=config.bias, dtype=dt, param_dtype=pdt,
                                  kernel_init=_normal(0.02), rngs=rngs)
         # Residual projection: std scaled by 1/sqrt(2 * n_layer) so the residual stream's variance
@@ -149,9 +166,8 @@ class CausalSelfAttention(nnx.Module):
         q_BTD, k_BTD, v_BTD = jnp.split(self.c_attn(x_BTD), 3, axis=-1)
         q_BTNH, k_BTNH, v_BTNH = (t.reshape(B, T, N, D // N) for t in (q_BTD, k_BTD, v_BTD))
         if kv is None:
-            # cuDNN needs head_dim % 8 == 0; XLA does not, so only pad on the cuDNN path.
-            pad = 8 if self.implementation == "cudnn" else 1
-            y_BTNH = causal_attention(q_BTNH, k_BTNH, v_BTNH, implementation=self.implementation, pad_multiple=pad)
+            y_BTNH = causal_attention(q_BTNH, k_BTNH, v_BTNH, implementation=self.implementation,
+                                      pad_multiple=self.pad_multiple)
             return self.c_proj(y_BTNH.reshape(B, T, D))
         k_LBSNH, v_LBSNH, layer, mask_BTS, index = kv
         # Written in place into the whole [L, B, S, N, H] buffers: no per-step copy of the cache.
@@ -204,6 +220,29 @@ def _run_block(block: Block, x_BTD: jax.Array) -> jax.Array:
 _run_block_remat = nnx.remat(_run_block)
 
 
+def _scan_blocks(blocks, x_BTD: jax.Array, remat: bool) -> jax.Array:
+    """The blocks applied in order as one `lax.scan`: the program holds one block instead of n_layer.
+
+    The parameters stay where they are (`h/<i>/...`, so checkpoints, the optimizer's labels and
+    the Hugging Face mapping do not change): each leaf is stacked along a new layer axis inside
+    the trace, and the scan body rebuilds one block from its slice. The stack is a copy of the
+    block parameters per forward pass and its transpose slices the gradients back per layer.
+    All blocks share one graph definition (one GPTConfig), which the scan requires. Whether it
+    compiles faster depends on the backend (XLA:CPU: slower, see benchmarks/RESULTS.md), and what
+    it costs per step is a GPU measurement (scripts/bench_train.py, variant `scan`): off by default.
+    """
+    graphdef = nnx.graphdef(blocks[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in blocks))
+
+    def body(x_BTD, state):
+        return nnx.merge(graphdef, state)(x_BTD), None
+
+    if remat:  # the same policy as nnx.remat above: keep only each block's input
+        body = jax.checkpoint(body, prevent_cse=False)
+    x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
+    return x_BTD
+
+
 class GPT(nnx.Module):
     """GPT-2-style decoder. `model(tokens_BT int32) -> logits_BTV float32`."""
 
@@ -218,23 +257,31 @@ class GPT(nnx.Module):
         self.ln_f = nnx.LayerNorm(config.n_embd, epsilon=1e-5, use_bias=config.bias, dtype=dt, param_dtype=pdt, rngs=rngs)
 
     def hidden_states(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
-        """Final-LayerNorm output [B, T, D] in the compute dtype."""
+        """Final-LayerNorm output [B, T, D] in the compute dtype (blocks unrolled, or scanned
+        with `config.scan_layers`: the same function)."""
         B, T = tokens_BT.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
-        run = _run_block_remat if self.config.remat else _run_block
-        for block in self.h:
-            x_BTD = run(block, x_BTD)
+        if self.config.scan_layers:
+            x_BTD = _scan_blocks(list(self.h), x_BTD, self.config.remat)
+        else:
+            run = _run_block_remat if self.config.remat else _run_block
+            for block in self.h:
+                x_BTD = run(block, x_BTD)
         return self.ln_f(x_BTD)
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """Tied LM head. Inputs stay in the compute dtype (bf16 tensor cores) but accumulate and
         return float32, so softmax/cross-entropy never see bf16 rounding."""
-        w_VD = self.wte.embedding[...].astype(x_BTD.dtype)
-        return jnp.einsum("btd,vd->btv", x_BTD, w_VD, preferred_element_type=jnp.float32)
+        return tied_head(x_BTD, self.head_weight())
+
+    def head_weight(self) -> jax.Array:
+        """The LM head's [V, D] matrix (the token embedding, tied): what loss.py's fused
+        cross-entropy differentiates with respect to."""
+        return self.wte.embedding[...]
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         return self.logits(self.hidden_states(tokens_BT))

@@ -1,6 +1,6 @@
 """Data pipeline throughput: tokenisation vs tiktoken's ceiling, and the training sampler.
 
-  python scripts/bench_data.py --files ../shared/data/gutenberg_classics/*.txt
+  python scripts/bench_data.py --files my_books/*.txt
 
 Tokenisation: `write_shards` end to end (read, strip, split hash, tokenise, pack, write shards),
 beside tiktoken's `encode_ordinary_batch` on the same document texts with as many threads (the

@@ -1,7 +1,7 @@
 """HellaSwag scorer throughput (items/s) for a model preset with random weights.
 
   python scripts/bench_hellaswag.py                                  # tiny, 200 bundled items
-  python scripts/bench_hellaswag.py --preset gpt2 --data ../shared/data/hellaswag/hellaswag_val_full.txt.bz2
+  python scripts/bench_hellaswag.py --preset gpt2 --data hellaswag_val_full.txt.bz2     # all 10,042 items
 
 Builds a `HellaSwagScorer` (tokenise + pack), calls it once (compiles every bucket used, then
 scores) and then `--repeat` more times (steady state: what the trainer pays every eval). With

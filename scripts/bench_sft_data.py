@@ -1,6 +1,6 @@
 """SFT data layout: packing several conversations per row vs padding one per row.
 
-  python scripts/bench_sft_data.py --data ../shared/data/instruction/instruction-data.json
+  python scripts/bench_sft_data.py --data instruction-data.json    # any Alpaca/messages file
 
 Builds the rows both ways (`build_chat_data(pack=True/False)`), then trains the tiny model with the
 real jitted train step (AdamW, one micro-batch) for one epoch over every train row, at the same
@@ -69,7 +69,9 @@ def run(data, val_batches, cfg: GPTConfig, batch: int, seed: int) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/instruction/instruction-data.json")
+    p.add_argument("--data", required=True,
+                   help="conversations: a local Alpaca or messages .json/.jsonl/.parquet file (e.g. Raschka's "
+                        "1,100-record instruction-data.json), or a Hub dataset")
     p.add_argument("--seq-len", type=int, default=128, help="row length T (rows hold T + 1 tokens)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)

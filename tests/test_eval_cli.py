@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     model_cfg = GPTConfig.preset("tiny", block_size=64)
-    cfg = Config(name="eval-test", model=model_cfg)  # data.path "sample": the bundled Tiny Shakespeare
+    cfg = Config(name="eval-test", model=model_cfg)  # data.path "tinyshakespeare": the bundled corpus
     return save_model(tmp_path_factory.mktemp("run") / "run", GPT(model_cfg, rngs=nnx.Rngs(0)), cfg, step=7)
 
 

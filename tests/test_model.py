@@ -200,3 +200,68 @@ def test_flops_per_token_gpt2():
     # 6 * (N - position table) + 12 * L * D * T, the nanoGPT/PaLM estimate.
     cfg = GPTConfig.preset("gpt2")
     assert cfg.flops_per_token() == 6 * (124_475_904 - 1024 * 768) + 12 * 12 * 768 * 1024
+
+
+@pytest.mark.parametrize("H,multiple,P", [(52, 8, 56), (52, 64, 64), (64, 8, 64)])
+def test_attention_padding_is_exact(H, multiple, P):
+    """`attention_pad`'s choices for cuDNN (FGPT's 52 -> 56 or 64), checked through the XLA kernel with
+    the same zero padding: outputs and gradients equal the unpadded attention."""
+    kq, kk, kv, kc = jax.random.split(jax.random.key(1), 4)
+    shape = (2, 24, 3, H)
+    q, k, v, ct = (jax.random.normal(key, shape, jnp.float32) for key in (kq, kk, kv, kc))
+
+    def out_and_grads(pad_multiple):
+        f = lambda q, k, v: causal_attention(q, k, v, implementation="xla", pad_multiple=pad_multiple)  # noqa: E731
+        return jax.jit(lambda q, k, v, ct: (lambda out, vjp: (out, *vjp(ct)))(*jax.vjp(f, q, k, v)))(q, k, v, ct)
+
+    plain, padded = out_and_grads(1), out_and_grads(multiple)
+    assert -(-H // multiple) * multiple == P
+    for a, b in zip(plain, padded):
+        assert a.shape == shape
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_pad_applies_to_the_cudnn_path_only(tiny_config):
+    cfg = dataclasses.replace(tiny_config, n_head=2, n_embd=104)  # head_dim 52, as FGPT
+    assert GPT(cfg, rngs=nnx.Rngs(0)).h[0].attn.pad_multiple == 1  # XLA on CPU: no padding needed
+    for pad in (8, 64):
+        cudnn = GPT(dataclasses.replace(cfg, attention="cudnn", attention_pad=pad), rngs=nnx.Rngs(0))
+        assert cudnn.h[0].attn.pad_multiple == pad
+    with pytest.raises(ValueError, match="attention_pad"):
+        GPTConfig(attention_pad=12)
+
+
+def _loss_and_grads_fn(cfg):
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss_fn(p, tokens):
+        logp = jax.nn.log_softmax(nnx.merge(graphdef, p)(tokens[:, :-1]))
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+
+    return params, jax.jit(jax.value_and_grad(loss_fn))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_layers_same_logits_and_grads(tiny_config, remat):
+    """scan_layers runs the blocks as one lax.scan over their stacked parameters: the same function,
+    the same gradients, and the same parameter layout (h/<i>/... as before)."""
+    cfg = dataclasses.replace(tiny_config, n_layer=3, remat=remat)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 50257, (2, 17)), jnp.int32)
+    params, f = _loss_and_grads_fn(cfg)
+    params_s, f_s = _loss_and_grads_fn(dataclasses.replace(cfg, scan_layers=True))
+    assert jax.tree.structure(params) == jax.tree.structure(params_s)  # same paths, same shapes
+    (l1, g1), (l2, g2) = f(params, tokens), f_s(params, tokens)
+    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+
+
+def test_scan_layers_model_decodes_like_its_forward(tiny_config):
+    """decode (the KV-cache path, an unrolled loop) and the scanned training forward agree."""
+    from fgpt_jax.model import init_cache
+    model = GPT(dataclasses.replace(tiny_config, n_layer=2, scan_layers=True), rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, 50257, (2, 9)), jnp.int32)
+    full = model(tokens)
+    stepped, _ = model.decode(tokens, init_cache(model.config, 2, 16))
+    np.testing.assert_allclose(np.asarray(stepped), np.asarray(full), rtol=1e-4, atol=1e-4)

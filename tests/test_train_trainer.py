@@ -201,3 +201,25 @@ def test_two_processes_agree_with_one(tmp_path):
     assert "2 device(s)" in (run / "train.log").read_text()
     multi = [losses(run)[s] for s in (1, 2, 3)]
     np.testing.assert_allclose(multi, one, rtol=1e-5)
+
+
+def test_print_config_resolves_and_writes_nothing(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fgpt_jax.train", "--config", "gpt2_124m", "--config.train.steps=7",
+                        "--print-config"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from fgpt_jax.config import from_json
+    cfg = from_json(r.stdout)
+    assert cfg == apply_overrides(load_config("gpt2_124m"), ["train.steps=7"])
+    assert list(tmp_path.iterdir()) == []  # no runs/ directory, nothing tokenised into it
+
+
+def test_console_keeps_per_step_lines_in_the_log_on_a_terminal(tmp_path):
+    from fgpt_jax.rundir import RunDir
+    from fgpt_jax.train.trainer import Console
+    console = Console(RunDir(tmp_path), enabled=True)
+    console.tty = True  # a terminal: the bar shows progress, step lines go to train.log only
+    console("held until the checks pass")
+    assert not (tmp_path / "train.log").exists()
+    console.start()
+    console("step 1/2 | loss 1.0", file_only=True)
+    assert (tmp_path / "train.log").read_text().splitlines() == ["held until the checks pass", "step 1/2 | loss 1.0"]

@@ -5,9 +5,7 @@ id, or text): stable across processes and machines, and no document is in both s
 fills shards of exactly `shard_tokens` tokens (a document may continue in the next shard); the last
 shard is shorter.
 
-Tokenisation runs in a spawn process pool (processes beat tiktoken's threads on this workload; see
-benchmarks/RESULTS.md); workers pack their tokens into uint16, so only compact arrays cross the
-process boundary, and they exit when the parent dies, even by SIGKILL.
+Tokenisation runs in worker processes (`fgpt_jax.data.workers`).
 
 Crash safety: every file is written to a temp name and renamed. `.progress.json` is written first
 (it marks the directory as this module's) and again whenever a shard completes, with the unfinished
@@ -20,17 +18,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import ctypes
 import hashlib
 import io
-import itertools
 import json
-import multiprocessing
 import os
 import re
-import signal
-import sys
-import threading
 import time
 
 import numpy as np
@@ -39,6 +31,7 @@ from tqdm import tqdm
 from fgpt_jax.data import in_val_split
 from fgpt_jax.data.shards import DTYPE, FORMAT, MANIFEST, SPLITS, VERSION, fingerprint, sampled_entry, shard_name
 from fgpt_jax.data.sources import DataError
+from fgpt_jax.data.workers import Tokeniser
 from fgpt_jax.tokenizer import get_tokenizer
 
 PROGRESS = ".progress.json"
@@ -48,76 +41,6 @@ _SPLIT = "|".join(SPLITS)
 _OURS = re.compile(rf"^(?:(?:{_SPLIT})_\d{{6}}\.npy|\.partial-(?:{_SPLIT})-\d{{6}}\.npy|"
                    rf"{re.escape(MANIFEST)}|{re.escape(PROGRESS)})(?:\.tmp\d+)?$")
 _CHUNK_CHARS = 1_000_000  # ~250k tokens per task: small enough to balance workers, large enough to amortise IPC
-
-
-def pack(token_lists: list[list[int]], eot_id: int) -> np.ndarray:
-    """Concatenate documents, each prefixed by <|endoftext|>, into one uint16 array."""
-    total = sum(map(len, token_lists)) + len(token_lists)
-    eot = (eot_id,)
-    flat = itertools.chain.from_iterable(itertools.chain.from_iterable((eot, t) for t in token_lists))
-    return np.fromiter(flat, dtype=np.uint16, count=total)
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """Make this worker process exit when its parent dies.
-
-    A SIGKILLed parent runs no `finally` to shut the pool down, and a spawn worker waits forever on
-    the task queue (it holds a writer end of that pipe itself, so it never sees EOF). Linux:
-    PR_SET_PDEATHSIG makes the kernel SIGKILL us when the parent goes; elsewhere a daemon thread
-    polls the parent id. Either way, a parent that died before this ran is caught by the first check."""
-    watched = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            watched = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            watched = False
-    if os.getppid() != parent_pid:
-        os._exit(1)
-    if not watched:
-        def poll():
-            while os.getppid() == parent_pid:
-                time.sleep(0.5)
-            os._exit(1)
-        threading.Thread(target=poll, name="parent watch", daemon=True).start()
-
-
-def _worker_init(parent_pid: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, once
-    _exit_with_parent(parent_pid)
-    get_tokenizer()
-
-
-def encode_pack(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(uint16 tokens of all texts, each prefixed by <|endoftext|>; per-document token counts)."""
-    tok = get_tokenizer()
-    lists = [tok.encode(t) for t in texts]
-    lengths = np.fromiter((len(t) + 1 for t in lists), dtype=np.int64, count=len(lists))
-    return pack(lists, tok.eot_id), lengths
-
-
-class _Tokeniser:
-    """Order-preserving tokenisation: inline for one worker, a process pool otherwise."""
-
-    def __init__(self, workers: int):
-        # spawn, not fork: the parent runs datasets/pyarrow threads, which fork would copy mid-lock.
-        # An executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool here
-        # instead of being respawned forever while the parent waits.
-        self.pool = (concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-            initargs=(os.getpid(),))
-            if workers > 1 else None)
-
-    def submit(self, texts: list[str]) -> concurrent.futures.Future:
-        if self.pool:
-            return self.pool.submit(encode_pack, texts)
-        done = concurrent.futures.Future()
-        done.set_result(encode_pack(texts))
-        return done
-
-    def close(self) -> None:
-        if self.pool:
-            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fsync_write(path: str, write) -> None:
@@ -373,7 +296,7 @@ def _tokenise(source, chunks, first, writers: dict, state: dict, settings: dict,
     bar = tqdm(desc=f"tokenising -> {out_dir}", unit=" docs", initial=docs_done, disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
     t0, tokens_at_start = time.perf_counter(), total
-    tokeniser = _Tokeniser(workers if first is not None else 1)
+    tokeniser = Tokeniser(workers if first is not None else 1)
     pending: collections.deque = collections.deque()  # (val flags, source state after chunk, result)
     try:
         while not done:

@@ -1,0 +1,398 @@
+"""An OpenAI-compatible HTTP API over the batching engine, and the web chat page (`python -m fgpt_jax.serve`).
+
+Routes: `GET /` (the chat page, fgpt_jax/inference/web/), `GET /health`, `GET /v1/models[/{id}]`,
+`POST /v1/chat/completions` and `POST /v1/completions`, each streaming (server-sent events) or not.
+The wire format is OpenAI's, so its clients work unchanged; `top_k` is accepted as vLLM and llama.cpp
+accept it (0 or -1 = off). Every request is decoded by the shared `Engine`, so concurrent requests
+share one decode batch. The wire format's models and the text of a choice live in protocol.py.
+
+Errors are OpenAI's error object `{"error": {"message", "type", "param", "code"}}` with the status:
+401 missing or wrong bearer key (with `api_key`), 413 a body, message count or message over the limits,
+400 malformed JSON or a request this model cannot run (max_tokens past the context, conversation
+shape), 422 a body that does not match the schema (types, ranges), 404 an unknown model or route,
+503 the engine's queue is full or the engine has stopped. Unknown fields are ignored, as OpenAI does.
+
+Chat requests render with the tokenizer's chat template (user text is always ordinary text: typing
+"<|assistant|>" cannot open a turn). A conversation longer than the context drops its oldest
+exchanges first, keeping the system message, exactly as `ChatSession` does; the response says so in
+a top-level `trimmed` object (`{"messages": dropped, "prompt_tokens": cut}`), also sent on the first
+streamed chunk. Streamed deltas never end inside a UTF-8 character (TextStreamer holds partial bytes)
+nor inside a possible `stop` string (held back until it is decided).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from fgpt_jax.inference.engine import Engine, EngineBusy, EngineClosed, SamplingParams
+from fgpt_jax.inference.protocol import (APIError, ChatRequest, ChoiceText, CompletionRequest, Limits, RequestBody,
+                                         SamplingFields)
+from fgpt_jax.tokenizer import get_tokenizer
+
+WEB_DIR = Path(__file__).parent / "web"
+
+
+class Inbox:
+    """Tokens from the engine thread to a request's coroutine: appended to a deque, with one event-loop
+    wake-up per burst instead of one per token (the loop serves every stream)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.ready, self.armed = loop, collections.deque(), asyncio.Event(), False
+
+    def put(self, item) -> None:  # engine thread
+        self.items.append(item)
+        if not self.armed:  # checked after appending: a concurrent drain either sees the item or re-arms
+            self.armed = True
+            self.loop.call_soon_threadsafe(self.ready.set)
+
+    async def take(self) -> list:
+        """Everything that arrived since the last call (waits for at least a wake-up)."""
+        await self.ready.wait()
+        self.ready.clear()
+        self.armed = False
+        out = []
+        while self.items:
+            out.append(self.items.popleft())
+        return out
+
+
+class EventStream(StreamingResponse):
+    """A StreamingResponse that watches for the client leaving on every ASGI version and always closes
+    its iterator, so the requests behind a dropped stream are cancelled at once (freeing their slots)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def watch(cancel_scope):
+            await self.listen_for_disconnect(receive)
+            cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch, tg.cancel_scope)
+                try:
+                    await self.stream_response(send)
+                except OSError:
+                    pass
+                tg.cancel_scope.cancel()
+        finally:
+            await self.body_iterator.aclose()
+
+
+# ---- the app ----
+
+class Server:
+    """The app's state: the engine, the model's name and kind, the key and the limits."""
+
+    def __init__(self, engine: Engine, model_id: str, instruction_tuned: bool, api_key: str | None = None,
+                 limits: Limits = Limits()):
+        self.engine, self.model_id, self.instruction_tuned = engine, model_id, instruction_tuned
+        self.api_key, self.limits = api_key, limits
+        self.tok = get_tokenizer()
+        self.block = engine.config.block_size
+        self.created = int(time.time())
+
+    # -- checks shared by both endpoints --
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    async def body(self, request: Request, model: type[RequestBody]) -> RequestBody:
+        self.check_key(request)
+        limit = self.limits.max_body_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise APIError(413, f"Request body larger than {limit} bytes.", code="request_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise APIError(413, f"Request body larger than {limit} bytes.", code="request_too_large")
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"We could not parse the JSON body of your request: {e}.") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "The request body must be a JSON object.")
+        try:
+            body = model.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(p) for p in err["loc"]) or None
+            raise APIError(422, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+        if body.model is not None and body.model != self.model_id:
+            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{self.model_id}'.",
+                           param="model", code="model_not_found")
+        return body
+
+    def sampling(self, body: SamplingFields) -> tuple[list[SamplingParams], list[str]]:
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > self.limits.max_stop:
+            raise APIError(422, f"stop: at most {self.limits.max_stop} sequences", param="stop")
+        n = body.n or 1
+        if n > self.limits.max_n:
+            raise APIError(422, f"n: at most {self.limits.max_n}", param="n")
+        requested = body.max_completion_tokens or body.max_tokens
+        max_tokens = requested or min(256, self.block // 2)  # the chat CLI's default
+        if max_tokens >= self.block:
+            raise APIError(400, f"max_tokens {max_tokens}: this model's context is {self.block} tokens, so at most "
+                                f"{self.block - 1} new tokens fit", param="max_tokens", code="context_length_exceeded")
+        seed = secrets.randbits(32) if body.seed is None else body.seed % 2**32
+        temperature = 1.0 if body.temperature is None else body.temperature
+        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=max(body.top_k or 0, 0),
+                                 top_p=1.0 if body.top_p is None else body.top_p, seed=(seed + i) % 2**32)
+                  for i in range(n)]
+        return params, stops
+
+    def chat_prompt(self, body: ChatRequest, max_tokens: int) -> tuple[list[int], int]:
+        """(prompt ids, messages dropped): ChatSession's rule, oldest exchanges first, system kept."""
+        if len(body.messages) > self.limits.max_messages:
+            raise APIError(413, f"messages: at most {self.limits.max_messages} messages", param="messages")
+        msgs = []
+        for i, m in enumerate(body.messages):
+            text = m.text()
+            if len(text) > self.limits.max_message_chars:
+                raise APIError(413, f"messages.{i}.content: at most {self.limits.max_message_chars} characters",
+                               param=f"messages.{i}.content")
+            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        if msgs[-1]["role"] != "user":
+            raise APIError(400, "messages: the conversation must end with a user message", param="messages")
+        system, history = (msgs[:1], msgs[1:]) if msgs[0]["role"] == "system" else ([], msgs)
+        budget, dropped = self.block - max_tokens, 0
+        while True:
+            try:
+                ids, _ = self.tok.render_chat(system + history, add_generation_prompt=True)
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from None
+            if len(ids) <= budget or len(history) <= 1:
+                return ids, dropped
+            cut = 2 if len(history) > 2 else 1
+            history, dropped = history[cut:], dropped + cut
+
+    def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts or len(prompts) > self.limits.max_messages:
+            raise APIError(413 if prompts else 422, f"prompt: between 1 and {self.limits.max_messages} prompts",
+                           param="prompt")
+        if any(len(p) > self.limits.max_message_chars for p in prompts):
+            raise APIError(413, f"prompt: at most {self.limits.max_message_chars} characters", param="prompt")
+        # An empty prompt starts a new document, as GPT-2 was trained: after <|endoftext|>.
+        return [self.tok.encode(p) or [self.tok.eot_id] for p in prompts]
+
+    # -- running --
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams]):
+        """Submit every (prompt, choice) pair; all or none. Returns (requests, queue of (choice, token))."""
+        events = Inbox(asyncio.get_running_loop())
+        reqs = []
+
+        def listener_for(i):
+            return lambda req, tok: events.put((i, tok))
+        try:
+            for p in prompts:
+                for sp in params:
+                    reqs.append(self.engine.submit(p, sp, listener_for(len(reqs))))
+        except (EngineBusy, EngineClosed) as e:
+            for r in reqs:
+                r.cancel()
+            raise APIError(503, f"Server overloaded or stopped: {e}", code="server_busy",
+                           kind="server_error") from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return reqs, events
+
+    async def run(self, request: Request, kind: str, body: SamplingFields, prompts: list[list[int]],
+                  params: list[SamplingParams], stops: list[str], dropped: int) -> Response:
+        reqs, events = self.submit(prompts, params)
+        cut = max(r.dropped_prompt_tokens for r in reqs)
+        trimmed = {"messages": dropped, "prompt_tokens": cut} if dropped or cut else None
+        headers = {"X-Context-Trimmed": f"messages={dropped}; prompt_tokens={cut}"} if trimmed else None
+        meta = dict(id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
+                    model=self.model_id)
+        texts = [ChoiceText(stops) for _ in reqs]
+        usage = lambda: {"prompt_tokens": sum(len(r.prompt) for r in reqs[::len(params)]),
+                         "completion_tokens": sum(r.generated for r in reqs),
+                         "total_tokens": sum(len(r.prompt) for r in reqs[::len(params)]) + sum(r.generated for r in reqs)}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self.stream(kind, reqs, events, texts, meta, usage, include_usage, trimmed)
+            return EventStream(stream, media_type="text/event-stream", headers=headers)
+        try:
+            async with anyio.create_task_group() as tg:  # a client that leaves cancels its requests
+                async def watch():
+                    while (await request.receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+                tg.start_soon(watch)
+                open_ = len(reqs)
+                while open_:
+                    for i, tok in await events.take():
+                        if tok is None:
+                            open_ -= 1
+                            continue
+                        texts[i].push(tok)
+                        if texts[i].stopped:
+                            reqs[i].cancel("stop")
+                tg.cancel_scope.cancel()
+        finally:
+            for r in reqs:
+                r.cancel()
+        choices = []
+        for i, (r, t) in enumerate(zip(reqs, texts)):
+            t.finish()
+            if r.finish_reason == "error":
+                raise APIError(503, "The engine stopped while decoding.", kind="server_error")
+            reason = "length" if r.finish_reason == "length" else "stop"
+            if kind == "chat":
+                choices.append({"index": i, "message": {"role": "assistant", "content": t.text}, "logprobs": None,
+                                "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": t.text, "logprobs": None, "finish_reason": reason})
+        out = {**meta, "object": "chat.completion" if kind == "chat" else "text_completion",
+               "system_fingerprint": None, "choices": choices, "usage": usage()}
+        if trimmed:
+            out["trimmed"] = trimmed
+        return JSONResponse(out, headers=headers)
+
+    async def stream(self, kind, reqs, events, texts, meta, usage, include_usage, trimmed) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        pending_trim = [trimmed]  # said once, on the first chunk
+
+        def chunk(i, content=None, finish=None, first=False):
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if first else ({} if content is None else {"content": content})
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": content or "", "logprobs": None, "finish_reason": finish}
+            out = {**meta, "object": obj, "system_fingerprint": None, "choices": [choice]}
+            if include_usage:
+                out["usage"] = None
+            if pending_trim[0]:
+                out["trimmed"], pending_trim[0] = pending_trim[0], None
+            return f"data: {json.dumps(out)}\n\n"
+        try:
+            if kind == "chat":
+                for i in range(len(reqs)):
+                    yield chunk(i, first=True)
+            open_ = len(reqs)
+            while open_:  # one write per burst: what arrived together goes out together, a delta per choice
+                out, pieces, ended = [], {}, []
+                for i, tok in await events.take():
+                    if tok is None:
+                        ended.append(i)
+                        continue
+                    pieces[i] = pieces.get(i, "") + texts[i].push(tok)
+                    if texts[i].stopped:
+                        reqs[i].cancel("stop")
+                out += [chunk(i, piece) for i, piece in pieces.items() if piece]
+                for i in ended:
+                    open_ -= 1
+                    if reqs[i].finish_reason == "error":
+                        err = {"message": "The engine stopped while decoding.", "type": "server_error", "param": None,
+                               "code": None}
+                        yield "".join(out) + f"data: {json.dumps({'error': err})}\n\n"
+                        return
+                    tail = texts[i].finish()
+                    if tail:
+                        out.append(chunk(i, tail))
+                    out.append(chunk(i, finish="length" if reqs[i].finish_reason == "length" else "stop"))
+                if out:
+                    yield "".join(out)
+            if include_usage:
+                yield f"data: {json.dumps({**meta, 'object': obj, 'system_fingerprint': None, 'choices': [], 'usage': usage()})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for r in reqs:
+                r.cancel()
+
+    # -- endpoints --
+    async def chat(self, request: Request) -> Response:
+        body = await self.body(request, ChatRequest)
+        params, stops = self.sampling(body)
+        ids, dropped = self.chat_prompt(body, params[0].max_tokens)
+        return await self.run(request, "chat", body, [ids], params, stops, dropped)
+
+    async def completions(self, request: Request) -> Response:
+        body = await self.body(request, CompletionRequest)
+        params, stops = self.sampling(body)
+        return await self.run(request, "text", body, self.completion_prompts(body), params, stops, 0)
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "fgpt-jax",
+                "max_model_len": self.block, "instruction_tuned": self.instruction_tuned}
+
+    async def models(self, request: Request) -> Response:
+        self.check_key(request)
+        if "model" in request.path_params:
+            if request.path_params["model"] != self.model_id:
+                raise APIError(404, f"The model '{request.path_params['model']}' does not exist.", param="model",
+                               code="model_not_found")
+            return JSONResponse(self.model_card())
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def health(self, request: Request) -> Response:
+        eng = self.engine
+        ok = eng.error is None and not eng._closed
+        return JSONResponse({"status": "ok" if ok else "stopped", "model": self.model_id,
+                             "instruction_tuned": self.instruction_tuned, "running": eng.active_count(),
+                             "pending": eng.pending_count(), "peak_running": eng.peak_active, "max_batch": eng.max_batch,
+                             "finished": {k: eng.finished[k] for k in ("stop", "length", "cancelled", "error")}},
+                            status_code=200 if ok else 503)
+
+    async def page(self, request: Request) -> Response:
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status,
+                        headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+
+
+async def _api_error(request: Request, exc: APIError) -> Response:
+    return _error_response(exc)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    message = {404: f"Unknown route {request.method} {request.url.path}.",
+               405: f"Method {request.method} not allowed on {request.url.path}."}.get(exc.status_code, exc.detail)
+    return _error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    return _error_response(APIError(500, f"Internal error: {type(exc).__name__}", kind="server_error"))
+
+
+def create_app(engine: Engine, model_id: str, instruction_tuned: bool, api_key: str | None = None,
+               limits: Limits = Limits()) -> Starlette:
+    """The ASGI app serving `engine` as `model_id` (the engine's lifetime stays the caller's)."""
+    s = Server(engine, model_id, instruction_tuned, api_key, limits)
+    routes = [
+        Route("/", s.page),
+        Route("/health", s.health),
+        Route("/v1/models", s.models),
+        Route("/v1/models/{model:path}", s.models),
+        Route("/v1/chat/completions", s.chat, methods=["POST"]),
+        Route("/v1/completions", s.completions, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=WEB_DIR), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={APIError: _api_error, HTTPException: _http_error,
+                                                       Exception: _internal_error})
+    app.state.server = s
+    return app

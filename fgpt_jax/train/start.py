@@ -1,0 +1,92 @@
+"""How a run starts: from scratch, from another run's weights (`init_from`), resumed from its own
+checkpoint (`--resume [--step N]`), or warm-restarted from another run's weights, optimizer moments
+and data position (`init_mode="warm"`). The checks here run before anything is written."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fgpt_jax.checkpoint import Checkpoints
+from fgpt_jax.config import Config
+from fgpt_jax.optim import restart_schedule
+from fgpt_jax.rundir import RunDir
+
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (bad setup or a diverged loss); the message says why in one line."""
+
+
+
+def check_base(cfg: Config) -> None:
+    base = RunDir(cfg.init_from).read_config().model
+    diffs = [f"{f} {getattr(cfg.model, f)} vs {getattr(base, f)}" for f in SHAPE_FIELDS
+             if getattr(cfg.model, f) != getattr(base, f)]
+    if diffs:
+        raise TrainingError(f"init_from {cfg.init_from}: model shape differs from the base run ({', '.join(diffs)}); "
+                            f"set model to None in the config (take the base run's model) or match it")
+
+
+def check_run(cfg: Config, run: RunDir, resume: bool, resume_step: int | None) -> int | None:
+    """Refuse to overwrite a run without --resume, to resume nothing, or to resume another model.
+    Returns the step to resume from."""
+    steps = run.checkpoint_steps()
+    if steps and not resume:
+        raise TrainingError(f"--run {run}: already holds checkpoints; pass --resume to continue it, "
+                            f"or choose another run directory")
+    if not resume:
+        return None
+    if not steps:
+        raise TrainingError(f"--resume: no checkpoint in {run.checkpoints}")
+    if resume_step is not None and resume_step not in steps:
+        raise TrainingError(f"--step {resume_step}: not a checkpoint of {run} (available: {', '.join(map(str, steps))})")
+    if run.read_config().model != cfg.model:
+        raise TrainingError(f"--resume: the model config differs from {run.config_path}; "
+                            f"resume with the run's own config (drop the model overrides)")
+    return steps[-1] if resume_step is None else resume_step
+
+
+def warm_source(cfg: Config) -> tuple[int, dict]:
+    """(step, loader state) of the checkpoint a warm restart continues: init_from's latest, which must
+    hold optimizer state for this config's optimizer."""
+    base = RunDir(cfg.init_from)
+    ckpts = Checkpoints(base.checkpoints, read_only=True)
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise TrainingError(f"init_from {cfg.init_from}: no complete checkpoint")
+        if not (base.checkpoints / str(step) / "train").exists():
+            raise TrainingError(f"init_from {cfg.init_from}: checkpoint {step} holds parameters only (an imported "
+                                f"model?): init_mode=warm needs optimizer state; use init_mode=params")
+        base_optim = base.read_config().optim.name
+        if base_optim != cfg.optim.name:
+            raise TrainingError(f"init_mode=warm: init_from used optim.name={base_optim}, this config "
+                                f"{cfg.optim.name}; the moments must belong to the same optimizer")
+        return step, ckpts.read_json(step, "data")
+    finally:
+        ckpts.close()
+
+
+def warm_state(cfg: Config, setup, step: int, data_state: dict, loader_identity: dict):
+    """The state a warm restart begins with: init_from's parameters and optimizer moments at `step`,
+    a step counter and schedules at 0, a PRNG stream from this config's seed."""
+    diffs = [f"{k} {data_state.get(k)!r} vs {v!r}" for k, v in loader_identity.items()
+             if k not in ("global_batch_size", "first_row") and data_state.get(k) != v]
+    if diffs:
+        raise TrainingError(f"init_mode=warm continues init_from's data stream, but the data differs "
+                            f"({', '.join(diffs)}); use the same data.path, data.seed and train.seq_len")
+    ckpts = Checkpoints(RunDir(cfg.init_from).checkpoints, read_only=True)
+    try:
+        state, _ = ckpts.restore(step, setup.abstract_state)
+    finally:
+        ckpts.close()
+    key = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    return state.replace(step=jnp.zeros_like(state.step), opt_state=restart_schedule(state.opt_state),
+                         rng=jax.device_put(key, state.rng.sharding))
+
+
+def rows_read(data_state: dict) -> int:
+    """Where a loader with this saved state would read next, as a global row of its stream."""
+    return data_state.get("first_row", 0) + int(data_state["step"]) * int(data_state["global_batch_size"])
