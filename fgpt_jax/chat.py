@@ -6,8 +6,8 @@
 A multi-turn REPL (`fgpt_jax.inference.session.ChatSession`). On a terminal: `you>` prompts,
 `/reset` clears the history, `/quit` (or Ctrl-D) leaves. With stdin not a terminal, every line is
 one user turn and each answer is printed on its own line. `--prompt TEXT` answers once and exits.
-A run that was not instruction-tuned (config data.format != "chat": pretrained or imported) still
-answers, after one note on stderr.
+A run that was not instruction-tuned (config data.format neither "chat" nor "preference": pretrained
+or imported) still answers, after one note on stderr.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         from fgpt_jax.inference.session import ChatSession
 
         model, cfg = load_model(args.run, args.step)
-        if cfg.data.format != "chat":
+        if cfg.data.format not in ("chat", "preference"):  # preference: DPO after SFT
             # Pretrained or imported: it still answers, but a newcomer should know why it rambles.
             print(f"note: {args.run} was not instruction-tuned (data.format {cfg.data.format!r}): answers will be "
                   f"text continuations; fine-tune it first with python -m fgpt_jax.train --config sft "

@@ -2,7 +2,8 @@
 
 A run is described by one `Config`: model shape, data, optimizer and the training loop. Each
 component owns its dataclass (`GPTConfig` in model.py, `DataConfig` in data/, `OptimConfig` in
-optim.py); this module declares the loop's `TrainConfig`, composes them, and provides the machinery:
+optim.py); this module declares the loop's `TrainConfig` and DPO's `DPOConfig`, composes them,
+and provides the machinery:
 
 - `load_config("tiny" | "path/to/mine.py")`: a preset name resolves to `configs/<name>.py`, which
   ships inside the package as `fgpt_jax.configs` (so a plain `pip install` trains); a config file
@@ -81,6 +82,28 @@ class TrainConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Preference tuning (data.format=preference): the DPO objective (fgpt_jax.loss.dpo_losses)."""
+
+    beta: float = 0.1  # how far the policy may move from the reference: rewards are beta * (log pi - log pi_ref)
+    label_smoothing: float = 0.0  # sigmoid: share of preference labels assumed flipped (conservative DPO); 0: plain DPO
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO (Rafailov et al. 2023); ipo: IPO's squared loss (Azar et al. 2023)
+
+    def __post_init__(self):
+        problems = []
+        if not 0 < self.beta < float("inf"):  # also refuses nan
+            problems.append(f"beta={self.beta} must be a finite number > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            problems.append(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.loss not in ("sigmoid", "ipo"):
+            problems.append(f"loss={self.loss!r} must be 'sigmoid' or 'ipo'")
+        elif self.loss == "ipo" and self.label_smoothing:
+            problems.append("label_smoothing applies to loss 'sigmoid' only (IPO has none)")
+        if problems:
+            raise ValueError("DPOConfig: " + "; ".join(problems))
+
+
+@dataclass
 class Config:
     """One run: what to build, what to train it on, and how."""
 
@@ -92,6 +115,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)  # token shards and sampler
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and learning-rate schedule
     train: TrainConfig = field(default_factory=TrainConfig)  # the training loop
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # the preference objective (data.format=preference only)
 
     def __post_init__(self):
         if self.init_mode not in ("params", "warm"):

@@ -8,11 +8,14 @@ token-weighted mean however the tokens were split, also when a mask makes batche
 With `GPTConfig.loss_chunk = C > 0` the LM head and the cross-entropy are fused and computed C
 sequence positions at a time (`fused_loss_sum`), so the [B, T, V] float32 logits (13 GB for
 GPT-2 at 64 x 1024) and their gradient never exist whole: at most [B, C, V] at a time.
+
+Objectives (`Objective`): the language-modelling loss (pretraining, SFT) and DPO (preference
+tuning) as (loss sum, count, metric sums), the form the train step and validation add up.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -125,4 +128,112 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
     return jax.jit(eval_step)
 
 
-__all__ = ["token_losses", "lm_loss_sums", "fused_loss_sum", "make_eval_step"]
+# -- objectives: what the train step and validation sum up ------------------------------------------
+class Objective(NamedTuple):
+    """A training objective as sums, so micro-batches, devices and validation batches add up exactly.
+
+    sums(model, batch) -> (loss_sum, count, metric_sums): the loss summed over the batch's units
+    (target tokens for language modelling, pairs for DPO), how many units it holds, and metric sums
+    over the same units. count(batch): the same count without the model, so the train step can
+    divide each micro-batch's loss by the whole batch's count before adding them up. `metrics`
+    names the scalar metric sums. Chosen once, statically, per run
+    (`fgpt_jax.train.step.objective_for`): each is its own jitted program."""
+
+    sums: Callable
+    count: Callable
+    metrics: tuple[str, ...] = ()
+
+
+def _lm_sums(model, batch: Batch):
+    loss_sum, count = lm_loss_sums(model, batch)
+    return loss_sum, count, {}
+
+
+LM_OBJECTIVE = Objective(_lm_sums, lambda batch: jnp.sum(batch.mask.astype(jnp.float32)))
+
+
+def sequence_logps(logits_BTV: jax.Array, tokens_BT1: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """[B] float32: each row's log-probability of its masked targets, the sum over its reply's tokens."""
+    return -jnp.sum(token_losses(logits_BTV, tokens_BT1[:, 1:]) * mask_BT.astype(jnp.float32), axis=-1)
+
+
+def dpo_losses(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
+               ref_rejected: jax.Array, beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid"
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-pair (loss, chosen reward, rejected reward) from the replies' summed log-probabilities.
+
+    The implicit rewards are beta * (log pi - log pi_ref). With h = the chosen reply's log-ratio minus
+    the rejected one's:
+      sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (DPO, Rafailov et al. 2023;
+               eps = label_smoothing > 0 is conservative DPO, labels flipped with probability eps)
+      ipo      (h - 1 / (2 beta))^2                                         (IPO, Azar et al. 2023)
+    Both on summed log-probabilities, as in the papers (TRL's IPO averages them per token instead).
+    At policy = reference h = 0: the sigmoid loss is ln 2, the rewards are 0."""
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "sigmoid":
+        losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+                  - label_smoothing * jax.nn.log_sigmoid(-beta * h))
+    else:
+        raise ValueError(f"loss_type {loss_type!r}: expected 'sigmoid' or 'ipo'")
+    return losses, beta * chosen_ratio, beta * rejected_ratio
+
+
+DPO_METRICS = ("dpo/loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+               "logps/chosen", "logps/rejected")
+
+
+def _pair_weights(mask_BT: jax.Array) -> jax.Array:
+    """[B/2]: 1 for a pair with a reply, 0 for a padding pair (all-zero mask)."""
+    return (jnp.sum(mask_BT.astype(jnp.float32).reshape(-1, 2 * mask_BT.shape[-1]), axis=-1) > 0).astype(jnp.float32)
+
+
+def dpo_sums(logps: jax.Array, batch, beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
+    """(loss_sum, count, metric_sums) of a `PreferenceBatch` from its rows' reply log-probabilities [2P].
+
+    Sums over the real pairs (padding pairs, all-zero mask, count for nothing). metric_sums holds
+    DPO_METRICS: the loss again, the rewards, their margin, how often the chosen reward is strictly
+    higher (a tie, as at step 0, counts as wrong), and the policy's reply log-probabilities (both
+    falling together is DPO's known failure mode)."""
+    logps = logps.reshape(-1, 2)
+    ref = batch.ref_logp.astype(jnp.float32).reshape(-1, 2)
+    w = _pair_weights(batch.mask)
+    losses, chosen, rejected = dpo_losses(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, label_smoothing,
+                                          loss_type)
+    per_pair = (losses, chosen, rejected, chosen - rejected, (chosen > rejected).astype(jnp.float32),
+                logps[:, 0], logps[:, 1])
+    return jnp.sum(w * losses), jnp.sum(w), {k: jnp.sum(w * v) for k, v in zip(DPO_METRICS, per_pair)}
+
+
+def dpo_objective(beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> Objective:
+    """DPO over a `PreferenceBatch`: chosen and rejected rows in one forward pass, sums over pairs."""
+    if loss_type not in ("sigmoid", "ipo"):
+        raise ValueError(f"loss_type {loss_type!r}: expected 'sigmoid' or 'ipo'")
+
+    def sums(model, batch):
+        logps = sequence_logps(model(batch.tokens[:, :-1]), batch.tokens, batch.mask)
+        return dpo_sums(logps, batch, beta, label_smoothing, loss_type)
+
+    return Objective(sums, lambda batch: jnp.sum(_pair_weights(batch.mask)), DPO_METRICS)
+
+
+def make_dpo_eval_step(graphdef: nnx.GraphDef, beta: float, label_smoothing: float = 0.0,
+                       loss_type: str = "sigmoid", out_sharding=None) -> Callable:
+    """`eval_step(params, batch) -> (loss_sum, count, metric_sums, row log-probs [2P])`, jitted.
+
+    The one program that scores a DPO run's reference (the row log-probs) and its policy on the
+    validation pairs (the sums): at policy = reference they agree bit for bit, so step 0 reads
+    exactly ln 2, rewards 0 and accuracy 0 rather than float noise around them."""
+    dpo_objective(beta, label_smoothing, loss_type)  # checks the arguments
+
+    def eval_step(params, batch):
+        logps = sequence_logps(nnx.merge(graphdef, params)(batch.tokens[:, :-1]), batch.tokens, batch.mask)
+        return (*dpo_sums(logps, batch, beta, label_smoothing, loss_type), logps)
+
+    return jax.jit(eval_step, out_shardings=out_sharding)
+
+
+__all__ = ["token_losses", "lm_loss_sums", "fused_loss_sum", "make_eval_step", "Objective", "LM_OBJECTIVE",
+           "sequence_logps", "dpo_losses", "dpo_sums", "dpo_objective", "make_dpo_eval_step", "DPO_METRICS"]

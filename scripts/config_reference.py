@@ -5,7 +5,7 @@
     python scripts/config_reference.py --stdout   # print the page instead
 
 The source of truth is the `# comment` after each field of GPTConfig (fgpt_jax/model.py), DataConfig
-(fgpt_jax/data/__init__.py), OptimConfig (fgpt_jax/optim.py), TrainConfig and Config
+(fgpt_jax/data/__init__.py), OptimConfig (fgpt_jax/optim.py), TrainConfig, DPOConfig and Config
 (fgpt_jax/config.py). The files are parsed with `ast` and `tokenize`, not imported: no jax is loaded,
 and the default is shown as written in the source (`6e-4`, not `0.0006`). A field without a comment
 is an error, so a new key cannot reach the page undocumented. tests/test_docs.py fails when the page
@@ -31,6 +31,7 @@ SOURCES = {
     "DataConfig": "fgpt_jax/data/__init__.py",
     "OptimConfig": "fgpt_jax/optim.py",
     "TrainConfig": "fgpt_jax/config.py",
+    "DPOConfig": "fgpt_jax/config.py",
 }
 
 

@@ -8,11 +8,12 @@ Modules, in the order data flows through them:
   loader         batches: random token windows (pretraining), rows of a fixed table (SFT), fixed val batches
   pipeline       from a DataConfig to the training loader and validation batches
   conversations  instruction data: Alpaca/messages records -> rendered, filtered, split, packed rows
+  preferences    preference pairs (DPO): chosen/rejected replies -> rendered, filtered, split row pairs
   hellaswag      HellaSwag items (official jsonl, checked download; llama.cpp's text format)
 CLI: `python -m fgpt_jax.data --help`.
 
 This file holds the stage's shared nouns, which every module above may import (and which import
-none of them): the config, the batch type, and the two hashing rules that make the data
+none of them): the config, the batch types, and the two hashing rules that make the data
 deterministic (seed derivation and the train/validation split), and the cache directory.
 """
 
@@ -25,7 +26,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-FORMATS = ("tokens", "chat")
+FORMATS = ("tokens", "chat", "preference")
 VERIFY = ("background", "startup", "off")
 
 
@@ -33,18 +34,19 @@ VERIFY = ("background", "startup", "off")
 class DataConfig:
     """Where training data comes from and how it is read (batch size and block size live elsewhere)."""
 
-    path: str = "tinyshakespeare"  # shard directory holding manifest.json, or "tinyshakespeare" (the bundled corpus); chat: a file or Hub dataset; "": none recorded
+    path: str = "tinyshakespeare"  # shard directory holding manifest.json, or "tinyshakespeare" (the bundled corpus); chat/preference: a file or Hub dataset; "": none recorded
     seed: int = 0  # loader seed: the window permutation and per-epoch offsets derive from it
     prefetch: int = 2  # batches prepared ahead by background threads (0: none)
     read_threads: int = 1  # background threads gathering batches from the memmapped shards
     val_windows: int = 1280  # fixed validation windows (capped by the val split, rounded to whole batches)
     verify: Literal["background", "startup", "off", True, False] = "background"  # full sha256 of every shard: in a background thread (Data.check raises), before training, or never; true/false (older config.json) read as startup/off
-    format: Literal["tokens", "chat"] = "tokens"  # tokens: pretraining shards; chat: conversations (SFT)
-    max_prompt_tokens: int = 0  # chat: drop records with more non-reply tokens (0: no limit)
-    max_response_tokens: int = 0  # chat: drop records with more reply tokens (0: no limit)
+    format: Literal["tokens", "chat", "preference"] = "tokens"  # tokens: pretraining shards; chat: conversations (SFT); preference: chosen/rejected pairs (DPO)
+    max_prompt_tokens: int = 0  # chat/preference: drop records with more non-reply tokens (0: no limit)
+    max_response_tokens: int = 0  # chat/preference: drop records with more reply tokens (preference: either reply) (0: no limit)
     pack: bool = True  # chat: pack several conversations per row (else one per row, padded)
-    val_fraction: float = 0.05  # chat: share of records held out for validation
-    limit: int = 0  # chat: use only the first N records of the source (0: all)
+    val_fraction: float = 0.05  # chat/preference: share of records held out for validation
+    limit: int = 0  # chat/preference: use only the first N records of the source (0: all)
+    truncate: bool = False  # preference: cut what is over max_prompt_tokens (oldest turns first) / max_response_tokens (a reply's end) instead of dropping the pair
 
     def __post_init__(self):
         if isinstance(self.verify, bool):  # config.json of fgpt-jax 0.1/0.2: verify was a boolean
@@ -84,6 +86,21 @@ class Batch(NamedTuple):
         return cls(tokens, np.ones(tokens.shape[:-1] + (tokens.shape[-1] - 1,), np.float32))
 
 
+class PreferenceBatch(NamedTuple):
+    """What preference tuning (DPO) consumes: pairs of rows, each pair (chosen, rejected) adjacent.
+
+    tokens int32 [..., 2P, T + 1] and mask float32 [..., 2P, T] as in `Batch`; rows 2i and 2i + 1
+    are pair i's chosen and rejected reply after the same prompt, the mask 1 on the reply's tokens
+    only. ref_logp float32 [..., 2P]: each row's reply log-probability under the reference model
+    (computed once when the run starts), so the reference never sits in device memory. Padding
+    pairs (validation) have an all-zero mask and count for nothing.
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    ref_logp: np.ndarray
+
+
 def derive(seed: int, *parts) -> int:
     """A 64-bit integer from (seed, parts): stable across processes and machines, unlike hash()."""
     h = hashlib.sha256(":".join(str(p) for p in (seed,) + parts).encode()).digest()
@@ -105,4 +122,4 @@ def cache_root() -> str:
     return os.environ.get("FGPT_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fgpt_jax")
 
 
-__all__ = ["DataConfig", "Batch", "derive", "in_val_split", "cache_root", "FORMATS", "VERIFY"]
+__all__ = ["DataConfig", "Batch", "PreferenceBatch", "derive", "in_val_split", "cache_root", "FORMATS", "VERIFY"]

@@ -5,6 +5,9 @@ validation batches. The one place that knows which format reads which way:
           `data.val_windows` fixed windows of the val split (`val_windows`);
   chat    conversations from a file or the Hub: rendered, filtered, split and packed once
           (`build_chat_data`), then `RowLoader` over the train rows and every val row (`val_rows`).
+  preference  chosen/rejected pairs (DPO): rendered, filtered, split once (`build_preference_data`),
+          each row's reference log-probability from the caller's `reference` (the DPO run's
+          starting model), then `PairLoader` over the train pairs and every val pair (`val_pairs`).
 
 A corpus without a validation split still trains (val/loss is then skipped and the log says so);
 any other problem with the val split (a missing, truncated, foreign or corrupt shard, a token
@@ -24,11 +27,15 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
 
 from fgpt_jax.data import Batch, DataConfig
 from fgpt_jax.data.bundled import resolve
 from fgpt_jax.data.conversations import build_chat_data, load_conversations
-from fgpt_jax.data.loader import BatchLoader, RowLoader, WindowLoader, val_rows, val_windows
+from fgpt_jax.data.loader import BatchLoader, RowLoader, Rows, WindowLoader, val_rows, val_windows
+from fgpt_jax.data.preferences import PairLoader, build_preference_data, load_pairs, val_pairs
 from fgpt_jax.data.shards import ShardError, ShardSet, file_sha256, open_shards, read_manifest
 from fgpt_jax.tokenizer import get_tokenizer
 
@@ -99,16 +106,25 @@ class Data:
 
 
 def open_data(cfg: DataConfig, seq_len: int, batch_size: int, val_batch_size: int, process_index: int = 0,
-              process_count: int = 1, train: bool = True, first_row: int = 0) -> Data:
+              process_count: int = 1, train: bool = True, first_row: int = 0,
+              reference: Callable[[Rows], np.ndarray] | None = None) -> Data:
     """The loader and validation batches `cfg` describes, for sequences of `seq_len` tokens.
 
     `batch_size` is the global batch per step; `val_batch_size` the global batch per validation call
-    (the trainer's micro-batch). With `train=False` only the validation batches are built."""
+    (the trainer's micro-batch); both count pairs for preference data. With `train=False` only the
+    validation batches are built. Preference data needs `reference(rows) -> [N] float32`, each row's
+    log-probability under the reference model (fgpt_jax.eval.dpo.Reference)."""
     if not cfg.path:
         raise ValueError("data.path: empty; expected a shard directory, the bundled corpus "
-                         "'tinyshakespeare', or (format chat) a conversations file")
+                         "'tinyshakespeare', or (format chat/preference) a conversations or preference file")
     if cfg.format == "chat":
         return _chat(cfg, seq_len, batch_size, val_batch_size, process_index, process_count, train, first_row)
+    if cfg.format == "preference":
+        if reference is None:
+            raise ValueError("data.format=preference: needs the reference model's log-probabilities (a DPO run's "
+                             "init_from)")
+        return _preference(cfg, seq_len, batch_size, val_batch_size, process_index, process_count, train, first_row,
+                           reference)
     path = resolve(cfg.path)
     blocking = cfg.verify == "startup" or (cfg.verify == "background" and not train)
     opened: list[ShardSet] = []
@@ -153,6 +169,27 @@ def _chat(cfg: DataConfig, seq_len, batch_size, val_batch_size, process_index, p
            if chat.val.num_rows else [])
     notes = [] if val else [f"data.path {cfg.path}: no conversation in the validation split; val/loss is skipped"]
     return Data(loader, val, notes, chat.stats)
+
+
+def _preference(cfg: DataConfig, seq_len, batch_size, val_batch_size, process_index, process_count, train,
+                first_row, reference) -> Data:
+    pref = build_preference_data(load_pairs(cfg.path, limit=cfg.limit or None), seq_len,
+                                 max_prompt_tokens=cfg.max_prompt_tokens, max_response_tokens=cfg.max_response_tokens,
+                                 truncate=cfg.truncate, val_fraction=cfg.val_fraction)
+    s = pref.stats
+    if pref.train.num_rows == 0 and train:
+        raise ValueError(f"data.path {cfg.path}: no preference pair fits ({s['dropped_too_long']} too long, "
+                         f"{s['dropped_prompt']} prompt, {s['dropped_response']} response over the limits, "
+                         f"{s['dropped_empty']} empty, {s['dropped_identical']} identical); raise train.seq_len / "
+                         f"data.max_*_tokens, set data.truncate=true, or use another source")
+    loader = (PairLoader(pref.train, reference(pref.train), batch_size, seed=cfg.seed, process_index=process_index,
+                         process_count=process_count, prefetch=cfg.prefetch, first_row=first_row)
+              if train else None)
+    val = (val_pairs(pref.val, reference(pref.val), val_batch_size, get_tokenizer().eot_id, process_index,
+                     process_count) if pref.val.num_rows else [])
+    notes = [] if val else [f"data.path {cfg.path}: no preference pair in the validation split; val metrics are "
+                            f"skipped"]
+    return Data(loader, val, notes, s)
 
 
 __all__ = ["Data", "Verification", "open_data", "ShardError"]

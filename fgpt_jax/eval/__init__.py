@@ -2,4 +2,5 @@
 
   perplexity  validation loss and perplexity: the one implementation the trainer and the CLI share
   hellaswag   HellaSwag accuracy (acc, acc_norm, acc_token_avg) with a bucketed, jitted, sharded scorer
+  dpo         DPO metrics over preference pairs, and the reference log-probabilities a DPO run keeps
 """

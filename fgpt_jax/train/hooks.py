@@ -4,7 +4,7 @@ The trainer runs the hooks that are due after a step, in the order it holds them
 that step's loss and gradient norm have been read and found finite (so nothing reads or saves a
 diverged state). The order is
 
-    ValLoss -> Checkpoint -> HellaSwag -> TextSample
+    ValLoss (PreferenceVal in DPO runs) -> Checkpoint -> HellaSwag -> TextSample
 
 validation first, so the checkpoint can record the val loss for the best-checkpoint policy; then
 the checkpoint, so the slower and more fragile work (a 10k-item benchmark, generation) never stands
@@ -27,8 +27,10 @@ from fgpt_jax import sharding as shd
 from fgpt_jax.checkpoint import Checkpoints
 from fgpt_jax.data import Batch
 from fgpt_jax.data.loader import BatchLoader
+from fgpt_jax.eval.dpo import preference_metrics
 from fgpt_jax.eval.perplexity import mean_loss
 from fgpt_jax.inference.generator import Generator
+from fgpt_jax.loss import DPO_METRICS
 from fgpt_jax.tokenizer import get_tokenizer
 
 # FGPT's fixed questions: their greedy answers are logged during instruction tuning.
@@ -77,6 +79,24 @@ class ValLoss(Hook):
     def __call__(self, step, state, results) -> Result:
         loss, _ = mean_loss(self.eval_step, state.params, self.batches, self.sharding)
         return Result({"val/loss": loss}, f"step {step}: val/loss {loss:.4f}")
+
+
+class PreferenceVal(Hook):
+    """DPO runs' validation: the DPO metrics over the fixed validation pairs, tagged val/dpo/loss,
+    val/rewards/*, val/logps/* (also run before the first step, where policy = reference). val/loss
+    repeats val/dpo/loss, so the best-checkpoint policy and the curves work as for every run."""
+
+    name = "val/loss"
+
+    def __init__(self, every: int, eval_step: Callable, batches: Sequence, mesh):
+        super().__init__(every)
+        self.eval_step, self.batches, self.mesh = eval_step, batches, mesh
+
+    def __call__(self, step, state, results) -> Result:
+        m = preference_metrics(self.eval_step, state.params, self.batches, self.mesh)
+        line = (f"step {step}: val/dpo/loss {m['dpo/loss']:.4f} rewards/accuracy {m['rewards/accuracy']:.3f} "
+                f"rewards/margin {m['rewards/margin']:.4f} ({m['pairs']} pairs)")
+        return Result({"val/loss": m["dpo/loss"], **{f"val/{k}": m[k] for k in DPO_METRICS}}, line)
 
 
 class Checkpoint(Hook):

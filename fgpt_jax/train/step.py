@@ -7,6 +7,10 @@ clipping, Muon/AdamW) is one XLA program with no Python in the loop. Gradient ac
 mask's sum over the *whole* batch, so k micro-batches give exactly the gradient of one k-times
 larger batch, also when micro-batches hold different numbers of target tokens.
 
+The objective is chosen statically by the config (`objective_for`): the language-modelling loss
+(sums over target tokens), or DPO for preference data (sums over pairs, `PreferenceBatch`).
+Both are `fgpt_jax.loss.Objective`s, summed the same way; their metric sums are averaged too.
+
 Shapes: A micro-batches (gradient accumulation), B sequences per micro-batch (global), T tokens.
 """
 
@@ -24,7 +28,7 @@ from flax import nnx, struct
 from fgpt_jax import sharding as shd
 from fgpt_jax.config import Config
 from fgpt_jax.data import Batch
-from fgpt_jax.loss import lm_loss_sums
+from fgpt_jax.loss import LM_OBJECTIVE, Objective, dpo_objective
 from fgpt_jax.model import GPT, abstract_model
 from fgpt_jax.optim import learning_rates, make_optimizer
 
@@ -48,33 +52,47 @@ def init_train_state(model: GPT, tx: optax.GradientTransformation, seed: int) ->
     return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), rng=key)
 
 
+def objective_for(cfg: Config) -> Objective:
+    """The run's objective: DPO (cfg.dpo) for preference data, else the language-modelling loss."""
+    if cfg.data.format == "preference":
+        return dpo_objective(cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.loss)
+    return LM_OBJECTIVE
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr_fn: Callable[[jax.Array], dict], state_shardings=None) -> Callable:
-    """Build `step(state, batch) -> (state, metrics)`; `batch` is a `Batch` of [A, B, ...] arrays.
+                    lr_fn: Callable[[jax.Array], dict], state_shardings=None,
+                    objective: Objective = LM_OBJECTIVE) -> Callable:
+    """Build `step(state, batch) -> (state, metrics)`; `batch` is a `Batch` (a `PreferenceBatch` for
+    DPO) of [A, B, ...] arrays.
 
     Jitted with `state` donated: the old parameters and optimizer state are overwritten in place
-    instead of doubling device memory. Metrics are device scalars (read them a step later).
+    instead of doubling device memory. Metrics are device scalars (read them a step later):
+    train/loss, grad_norm, the learning rates, and the objective's metrics (DPO: dpo/loss, rewards/*,
+    logps/*), each a mean over the whole batch.
     """
 
     def step(state: TrainState, batch: Batch):
-        n_targets = jnp.maximum(jnp.sum(batch.mask.astype(jnp.float32)), 1.0)
+        count = jnp.maximum(objective.count(batch), 1.0)  # target tokens, or pairs
 
         def micro(carry, micro_batch):
-            grads_acc, loss_acc = carry
+            grads_acc, loss_acc, metrics_acc = carry
 
             def loss_fn(params):
-                loss_sum, _ = lm_loss_sums(nnx.merge(graphdef, params), micro_batch)
-                return loss_sum / n_targets
+                loss_sum, _, metric_sums = objective.sums(nnx.merge(graphdef, params), micro_batch)
+                return loss_sum / count, metric_sums
 
-            loss, grads = jax.value_and_grad(loss_fn)(state.params)
-            return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss), None
+            (loss, metric_sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss,
+                    jax.tree.map(jnp.add, metrics_acc, metric_sums)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), batch)
+        metric_zeros = {k: jnp.zeros((), jnp.float32) for k in objective.metrics}
+        (grads, loss, metric_sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32), metric_zeros), batch)
         grad_norm = optax.tree.norm(grads)  # before clipping: what clipping acts on
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"train/loss": loss, "grad_norm": grad_norm, **lr_fn(state.step)}
+        metrics = {"train/loss": loss, "grad_norm": grad_norm, **lr_fn(state.step),
+                   **{k: v / count for k, v in metric_sums.items()}}
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
@@ -111,4 +129,5 @@ def build_setup(cfg: Config, mesh) -> Setup:
     shardings = shd.tree_shardings(abstract, mesh, cfg.train.sharding)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     init = jax.jit(fresh_state, out_shardings=shardings)
-    return Setup(graphdef, tx, shardings, abstract, init, make_train_step(graphdef, tx, lr_fn, shardings))
+    return Setup(graphdef, tx, shardings, abstract, init,
+                 make_train_step(graphdef, tx, lr_fn, shardings, objective_for(cfg)))

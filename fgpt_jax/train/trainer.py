@@ -1,8 +1,10 @@
 """The training loop: `train(cfg, run_dir)` wires data, setup and hooks; `Trainer.run` steps.
 
-One loop for pretraining and fine-tuning (the batch always carries its loss mask). The loop never
-waits on the device inside a step: it dispatches step t, then reads step t-1's metrics (finished by
-then) to log them and to stop on a NaN/inf loss or gradient norm before anything bad is saved.
+One loop for pretraining, fine-tuning and DPO (the batch always carries its loss mask; DPO's also
+carries the reference log-probabilities, scored once at the start: fgpt_jax.eval.dpo). The loop
+never waits on the device inside a step: it dispatches step t, then reads step t-1's metrics
+(finished by then) to log them and to stop on a NaN/inf loss or gradient norm before anything bad
+is saved.
 When hooks are due (validation, checkpoint, HellaSwag, text sample; see hooks.py) the pending
 step's metrics are checked first, then the hooks run in their fixed order. A SIGTERM or Ctrl-C
 finishes the current step, saves a checkpoint and exits with status 130 (SIGINT) or 143 (SIGTERM);
@@ -31,6 +33,7 @@ from fgpt_jax.checkpoint import Checkpoints, load_model
 from fgpt_jax.config import Config, resolve_config
 from fgpt_jax.data import Batch
 from fgpt_jax.data.pipeline import open_data
+from fgpt_jax.eval.dpo import Reference, dpo_eval_step
 from fgpt_jax.loss import make_eval_step
 from fgpt_jax.metrics import MetricsWriter, Throughput, format_line, peak_flops
 from fgpt_jax.rundir import RunDir
@@ -108,6 +111,10 @@ class Trainer:
             raise TrainingError(f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch must be "
                                 f"divisible by the {self.mesh.size} devices")
         warm = cfg.init_from and cfg.init_mode == "warm" and not resume
+        preference = cfg.data.format == "preference"
+        if preference and (not cfg.init_from or cfg.init_mode != "params"):
+            raise TrainingError("data.format=preference (DPO): set init_from=RUN_DIR, the run to start from and "
+                                "compare with (an SFT run), and init_mode=params")
         if cfg.init_from and not resume:
             check_base(cfg)
         start = check_run(cfg, run, resume, resume_step)
@@ -116,15 +123,21 @@ class Trainer:
         if warm:  # the data continues where init_from's loader stopped
             base_step, base_data = warm_source(cfg)
             first_row = rows_read(base_data)
+        # DPO: the reference scores every row before the policy's state exists, then is freed.
+        reference = (Reference(run.path, cfg.init_from, cfg.dpo, self.mesh, micro, reuse=start is not None)
+                     if preference else None)
         data = open_data(cfg.data, self.seq_len, t.batch_size, micro, jax.process_index(), jax.process_count(),
-                         first_row=first_row)
+                         first_row=first_row, reference=reference)
+        if reference is not None:
+            reference.release()
         if data.stats:
             self.console(f"data {cfg.data.path}: " + ", ".join(f"{k} {v}" for k, v in data.stats.items()))
-            rows = data.stats.get("train_rows")
+            unit = "pairs" if preference else "rows"
+            rows = data.stats.get(f"train_{unit}")
             if rows:
-                self.console(f"{t.steps} steps x {t.batch_size} rows = {t.steps * t.batch_size / rows:.1f} epochs "
-                             f"of the {rows} training rows")
-        for note in data.notes:
+                self.console(f"{t.steps} steps x {t.batch_size} {unit} = {t.steps * t.batch_size / rows:.1f} epochs "
+                             f"of the {rows} training {unit}")
+        for note in data.notes + (reference.notes if reference is not None else []):
             self.console(note)
         self.data, self.loader = data, data.loader
         self.setup = build_setup(cfg, self.mesh)
@@ -139,10 +152,14 @@ class Trainer:
             self.state = warm_state(cfg, self.setup, base_step, base_data, self.loader.identity())
         else:
             base = nnx.state(load_model(cfg.init_from)[0], nnx.Param) if cfg.init_from else None
+            if base is not None:  # loaded on one device; init's output spans the mesh (jit refuses the mix)
+                base = jax.device_put(base, self.setup.state_shardings.params)
             self.state = self.setup.init(base)
         self.start = start or 0
         self.batch_sharding = shd.batch_sharding(self.mesh, 3, batch_axis=1)
-        self.val = H.ValLoss(t.eval_every, make_eval_step(self.setup.graphdef), data.val, self.mesh) if data.val else None
+        val_hook, eval_step = ((H.PreferenceVal, dpo_eval_step(self.setup.graphdef, cfg.dpo, self.mesh)) if preference
+                               else (H.ValLoss, make_eval_step(self.setup.graphdef)))
+        self.val = val_hook(t.eval_every, eval_step, data.val, self.mesh) if data.val else None
         scorer = self._hellaswag_scorer(micro)
 
         # Every check has passed: from here on the run directory is written.
@@ -153,6 +170,8 @@ class Trainer:
         if self.is_main:
             run.write_config(cfg)
             self.console.start()
+        if reference is not None:
+            reference.save()  # RUN/reference_logps.npz, when it was scored now
         if start is not None:
             self.console(f"resumed from step {start} ({run.checkpoints / str(start)})")
         elif warm:
@@ -161,13 +180,14 @@ class Trainer:
         elif cfg.init_from:
             self.console(f"initialised from {cfg.init_from}")
         self.writer = MetricsWriter(run, keep_through=self.start if start is not None else -1, enabled=self.is_main)
-        tokens_per_step = t.batch_size * self.seq_len
+        tokens_per_step = t.batch_size * (2 if preference else 1) * self.seq_len  # a pair is two rows
         self.throughput = Throughput(tokens_per_step, cfg.model.flops_per_token(self.seq_len), self.mesh.size,
                                      peak_flops())
         self.last: dict = {}
         self.console(f"{cfg.name}: {cfg.model.num_params() / 1e6:.2f}M parameters, {t.steps} steps of "
-                     f"{tokens_per_step:,} tokens ({t.grad_accum} x {micro} x {self.seq_len}), {self.mesh.size} "
-                     f"device(s) [{jax.devices()[0].device_kind}], {t.sharding}, optimizer {cfg.optim.name}")
+                     f"{tokens_per_step:,} tokens ({t.grad_accum} x {micro}{' pairs x 2' if preference else ''} x "
+                     f"{self.seq_len}), {self.mesh.size} device(s) [{jax.devices()[0].device_kind}], {t.sharding}, "
+                     f"optimizer {cfg.optim.name}")
 
     def _hellaswag_scorer(self, micro: int):
         t = self.cfg.train
@@ -185,7 +205,7 @@ class Trainer:
         if scorer is not None:
             hooks.append(H.HellaSwag(t.hellaswag_every, scorer, self.setup.graphdef))
         hooks.append(H.TextSample(t.sample_every, self.setup.graphdef, t.sample_prompt,
-                                  t.sample_tokens, chat=cfg.data.format == "chat"))
+                                  t.sample_tokens, chat=cfg.data.format in ("chat", "preference")))
         return hooks
 
     def _set_aside_after(self, step: int) -> None:
@@ -250,9 +270,16 @@ class Trainer:
             self.console(f"checkpoint {step} saved", file_only=self.console.tty)
 
     def _device_batch(self, batch: Batch) -> Batch:
-        """This process's rows, split into micro-batches [A, B/A, ...], as one global sharded array each."""
+        """This process's rows, split into micro-batches [A, B/A, ...], as one global sharded array each
+        (a `PreferenceBatch` too: its pairs stay adjacent, and its ref_logp is [A, B/A])."""
         A = self.cfg.train.grad_accum
-        return Batch(*(shd.global_batch(x.reshape(A, -1, *x.shape[1:]), self.batch_sharding) for x in batch))
+
+        def put(x):
+            x = x.reshape(A, -1, *x.shape[1:])
+            sharding = self.batch_sharding if x.ndim == 3 else shd.batch_sharding(self.mesh, x.ndim, batch_axis=1)
+            return shd.global_batch(x, sharding)
+
+        return type(batch)(*map(put, batch))
 
     def _finish(self, step: int, metrics) -> None:
         """Host side of `step`: NaN check, throughput, logging. Runs one step behind the device."""
