@@ -1,6 +1,8 @@
 """Shared test setup: CPU only, no network, and one tiny model built once per session."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Before jax is imported anywhere: tests run on CPU and never reach a hub.
@@ -8,8 +10,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The bundled sample corpus is tokenised once per session into a private cache, never into ~/.cache;
-# subprocesses started by tests inherit it.
+# subprocesses started by tests inherit it. Removed when the process that made it exits.
 os.environ["FGPT_JAX_CACHE"] = tempfile.mkdtemp(prefix="fgpt-jax-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FGPT_JAX_CACHE"], True)
+# Many tests start the CLIs in subprocesses on the same tiny configs, each compiling the same XLA
+# programs: JAX's persistent compilation cache compiles each once. One private directory per test
+# session, made by the first process (pytest, or pytest-xdist's controller before it starts its
+# workers) and inherited by the workers and the subprocesses. Only a test speed-up: a cached
+# executable is the same program.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fgpt-jax-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
