@@ -88,7 +88,6 @@ def test_links_between_pages_resolve():
             if re.match(r"[a-z]+:", target) or target.startswith("#"):
                 continue
             path = (page.parent / target.split("#")[0]).resolve()
-            rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
             assert path.exists(), f"{page.relative_to(ROOT)}: link to {target} does not resolve"
             checked += 1
     assert checked > 20

@@ -170,10 +170,16 @@ def _cli_losses(run, *extra, env_extra=None):
     return [losses(run)[s] for s in (1, 2, 3)]
 
 
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    """The first 3 losses of the CLI on one device: what the multi-device runs must reproduce."""
+    return _cli_losses(tmp_path_factory.mktemp("one"))
+
+
 @pytest.mark.slow
-def test_data_parallel_and_fsdp_match_one_device(tmp_path):
+def test_data_parallel_and_fsdp_match_one_device(tmp_path, one_device):
     four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    one = _cli_losses(tmp_path / "one")
+    one = one_device
     dp = _cli_losses(tmp_path / "dp", env_extra=four)
     fsdp = _cli_losses(tmp_path / "fsdp", "--config.train.sharding=fsdp", env_extra=four)
     assert "4 device(s)" in (tmp_path / "dp" / "train.log").read_text()
@@ -182,12 +188,12 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_agree_with_one(tmp_path):
+def test_two_processes_agree_with_one(tmp_path, one_device):
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    one = _cli_losses(tmp_path / "one")
+    one = one_device
     run = tmp_path / "multi"
     args = ["--workdir", str(run)] + [f"--config.{o}" for o in SMALL + ["train.steps=3", "train.ckpt_every=0"]]
     procs = [subprocess.Popen([sys.executable, "-m", "fgpt_jax.train", *args], stdout=subprocess.PIPE,
