@@ -3,7 +3,9 @@
 import atexit
 import os
 import shutil
+import signal
 import tempfile
+import threading
 
 # Before jax is imported anywhere: tests run on CPU and never reach a hub.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -23,6 +25,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# Tests stop CLI subprocesses with Ctrl-C (SIGINT), as a terminal does its foreground job. A shell
+# without job control starts background jobs (`python -m pytest -q &`, some CI harnesses) with SIGINT
+# and SIGQUIT ignored, and every child inherits that: the CLIs would then, rightly for a background
+# job, ignore the test's Ctrl-C and never exit. The test processes take the foreground state.
+if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 import pytest  # noqa: E402
 

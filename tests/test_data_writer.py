@@ -22,7 +22,6 @@ from fgpt_jax.data.sources import DataError, files_source  # noqa: E402
 from fgpt_jax.data import in_val_split as is_val  # noqa: E402
 from fgpt_jax.data.writer import write_shards  # noqa: E402
 from fgpt_jax.tokenizer import get_tokenizer  # noqa: E402
-from foreground import foreground  # noqa: E402
 
 CSV = os.path.join(os.path.dirname(__file__), "data", "fineweb_edu_sample10BT_150docs_llm_scored.csv")
 SHARD = 10_000  # ~18 train shards from the 150 documents
@@ -300,7 +299,7 @@ def _blocked_run(tmp_path, workers: int):
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-m", "fgpt_jax.data", "text", str(src / "*.txt"), "--blocks", "--out",
                           str(out), "--shard-tokens", "50000", "--workers", str(workers), "--no-progress"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=foreground)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not ((out / writer_mod.PROGRESS).exists() and json.load(open(out / writer_mod.PROGRESS))["seq"] >= 1):
         if p.poll() is not None or time.monotonic() > deadline:

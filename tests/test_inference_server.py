@@ -22,7 +22,6 @@ import pytest
 
 from fgpt_jax.inference.protocol import ChoiceText
 from fgpt_jax.tokenizer import get_tokenizer
-from foreground import foreground
 
 KEY = "test-key"
 MODEL = "tiny-run"
@@ -44,7 +43,7 @@ def start_server(run_dir, log_path, *extra):
     """Start the CLI on port 0; returns (process, base url) once it prints its address."""
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "fgpt_jax.serve", "--run", str(run_dir), "--port", "0", *extra],
-                            stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=foreground)
+                            stdout=subprocess.PIPE, stderr=log, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:

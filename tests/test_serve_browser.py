@@ -11,7 +11,6 @@ import sys
 import threading
 
 import pytest
-from foreground import foreground
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -31,7 +30,7 @@ def server(tmp_path_factory):
     save_model(run, GPT(shape, rngs=nnx.Rngs(0)), Config(model=shape, data=dataclasses.replace(DataConfig(), format="chat")))
     log = open(run.parent / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "fgpt_jax.serve", "--run", str(run), "--port", "0", "--max-batch", "2"],
-                            stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=foreground)
+                            stdout=subprocess.PIPE, stderr=log, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:

@@ -17,7 +17,6 @@ from fgpt_jax.checkpoint import CheckpointError, load_model
 from fgpt_jax.config import ConfigError, apply_overrides, load_config
 from fgpt_jax.train import TrainingError, train
 from fgpt_jax.train import hooks as H
-from foreground import foreground
 
 SMALL = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "train.batch_size=4",
          "train.log_every=1", "train.eval_every=0", "train.sample_tokens=4", "data.val_windows=8",
@@ -39,7 +38,7 @@ def metric_steps(run):
 
 def _cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "fgpt_jax.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=foreground, **kw)
+                            stderr=subprocess.PIPE, text=True, **kw)
 
 
 def _wait_until(cond, what, timeout=180):
