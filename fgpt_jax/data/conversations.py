@@ -115,13 +115,15 @@ def _read_file(path: str) -> list:
     return records
 
 
-def load_conversations(path: str, limit: int | None = None) -> list[list[dict]]:
-    """Conversations from a local .json/.jsonl/.parquet file or directory of them, or a Hub dataset.
+def read_records(path: str, limit: int | None = None) -> list[tuple[dict, str, int]]:
+    """(record, where, index) of every record of a local .json/.jsonl/.parquet file or directory of
+    them, or of a Hub dataset; `where` and `index` name the record in error messages.
 
-    Anything that is not an existing path is taken as a Hub dataset name and loaded with
-    `datasets.load_dataset(path, split="train")`; offline that fails with one line that suggests
-    a local file. `limit` keeps the first `limit` records."""
-    convs: list[list[dict]] = []
+    Anything that is not an existing path is a Hub dataset `NAME[:SPLIT]`, loaded with
+    `datasets.load_dataset(NAME, split=SPLIT or "train")`; offline that fails with one line that
+    suggests a local file. `limit` keeps the first `limit` records. The loader of instruction data
+    and the loader of preference pairs both read through here."""
+    out: list[tuple[dict, str, int]] = []
     if os.path.exists(path):
         if os.path.isdir(path):
             files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(LOCAL_SUFFIXES))
@@ -136,23 +138,29 @@ def load_conversations(path: str, limit: int | None = None) -> list[list[dict]]:
             if not isinstance(records, list):
                 raise DataError(f"{f}: expected a JSON array of records, got {type(records).__name__}")
             for i, rec in enumerate(records):
-                if limit is not None and len(convs) >= limit:
-                    return convs
-                convs.append(_conversation(rec, f, i))
-        return convs
+                if limit is not None and len(out) >= limit:
+                    return out
+                out.append((rec, f, i))
+        return out
     if path.lower().endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")):
         raise DataError(f"{path}: file not found")
     import datasets  # slow to import; only the Hub path needs it
 
+    name, _, split = path.partition(":")
     try:
-        ds = datasets.load_dataset(path, split="train")
-    except Exception as e:  # offline, unknown name, no train split: the user needs one line
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path}: could not load from the Hugging Face Hub ({reason}); without network, pass a "
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # offline, unknown name or split: the user needs one line
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path}: could not load from the Hugging Face Hub ({reason[:300]}); without network, pass a "
                         f"local .json/.jsonl/.parquet file with the same schema instead") from None
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    return [_conversation(rec, path, i) for i, rec in enumerate(ds)]
+    return [(rec, path, i) for i, rec in enumerate(ds)]
+
+
+def load_conversations(path: str, limit: int | None = None) -> list[list[dict]]:
+    """Conversations from a local file, a directory of them or a Hub dataset (`read_records`)."""
+    return [_conversation(rec, where, i) for rec, where, i in read_records(path, limit)]
 
 
 # -- rendering, filters, split, layout -------------------------------------------------------------

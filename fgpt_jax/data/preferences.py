@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fgpt_jax.data import PreferenceBatch, in_val_split
-from fgpt_jax.data.conversations import LOCAL_SUFFIXES, _read_file
+from fgpt_jax.data.conversations import read_records
 from fgpt_jax.data.loader import STATE_VERSION, BatchLoader, EpochPermutation, Rows
 from fgpt_jax.data.sources import DataError
 from fgpt_jax.tokenizer import get_tokenizer
@@ -76,26 +75,25 @@ class Pair:
 
 
 # -- loading -------------------------------------------------------------------------------------
-def _sharegpt(msgs, what: str, bad) -> list[tuple[str, str]]:
+def _turns(msgs, what: str, bad, role_key: str, text_key: str, roles: dict, noun: str) -> list[tuple[str, str]]:
+    """[(role, text)] of a list of {role_key, text_key} dicts; `roles` maps the record's role names to ours."""
     if not isinstance(msgs, (list, tuple)):
-        raise bad(f"'{what}' must be a list of {{from, value}} turns, got {type(msgs).__name__}")
+        raise bad(f"'{what}' must be a list of {{{role_key}, {text_key}}} {noun}s, got {type(msgs).__name__}")
     out = []
     for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("from") not in SHAREGPT_ROLES or not isinstance(m.get("value"), str):
-            raise bad(f"{what} turn {j} must be {{from: {'/'.join(SHAREGPT_ROLES)}, value: string}}, got {m!r:.80}")
-        out.append((SHAREGPT_ROLES[m["from"]], m["value"]))
+        if not isinstance(m, dict) or m.get(role_key) not in roles or not isinstance(m.get(text_key), str):
+            raise bad(f"{what} {noun} {j} must be {{{role_key}: {'/'.join(roles)}, {text_key}: string}}, "
+                      f"got {m!r:.80}")
+        out.append((roles[m[role_key]], m[text_key]))
     return out
+
+
+def _sharegpt(msgs, what: str, bad) -> list[tuple[str, str]]:
+    return _turns(msgs, what, bad, "from", "value", SHAREGPT_ROLES, "turn")
 
 
 def _messages(msgs, what: str, bad) -> list[tuple[str, str]]:
-    if not isinstance(msgs, (list, tuple)):
-        raise bad(f"'{what}' must be a list of {{role, content}} messages, got {type(msgs).__name__}")
-    out = []
-    for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise bad(f"{what} message {j} must be {{role: {'/'.join(ROLES)}, content: string}}, got {m!r:.80}")
-        out.append((m["role"], m["content"]))
-    return out
+    return _turns(msgs, what, bad, "role", "content", {r: r for r in ROLES}, "message")
 
 
 def _transcript(text: str, what: str, bad) -> list[tuple[str, str]]:
@@ -173,44 +171,9 @@ def to_pair(rec, where: str, i: int) -> Pair:
 
 
 def load_pairs(path: str, limit: int | None = None) -> list[Pair]:
-    """Pairs from a local .json/.jsonl/.parquet file or directory of them, or a Hub dataset.
-
-    Anything that is not an existing path is a Hub dataset `NAME[:SPLIT]`, loaded with
-    `datasets.load_dataset(NAME, split=SPLIT or "train")`; offline that fails with one line that
-    suggests a local file. `limit` keeps the first `limit` records."""
-    pairs: list[Pair] = []
-    if os.path.exists(path):
-        if os.path.isdir(path):
-            files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(LOCAL_SUFFIXES))
-            if not files:
-                raise DataError(f"{path}: directory holds no {'/'.join(LOCAL_SUFFIXES)} files")
-        elif path.lower().endswith(LOCAL_SUFFIXES):
-            files = [path]
-        else:
-            raise DataError(f"{path}: expected a {'/'.join(LOCAL_SUFFIXES)} file")
-        for f in files:
-            records = _read_file(f)
-            if not isinstance(records, list):
-                raise DataError(f"{f}: expected a JSON array of records, got {type(records).__name__}")
-            for i, rec in enumerate(records):
-                if limit is not None and len(pairs) >= limit:
-                    return pairs
-                pairs.append(to_pair(rec, f, i))
-        return pairs
-    if path.lower().endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")):
-        raise DataError(f"{path}: file not found")
-    import datasets  # slow to import; only the Hub path needs it
-
-    name, _, split = path.partition(":")
-    try:
-        ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as e:  # offline, unknown name or split: the user needs one line
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"{path}: could not load from the Hugging Face Hub ({reason[:300]}); without network, pass a "
-                        f"local .json/.jsonl/.parquet file with the same layout instead") from None
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return [to_pair(rec, path, i) for i, rec in enumerate(ds)]
+    """Pairs from a local .json/.jsonl/.parquet file, a directory of them or a Hub dataset
+    `NAME[:SPLIT]` (fgpt_jax.data.conversations.read_records); `limit` keeps the first records."""
+    return [to_pair(rec, where, i) for rec, where, i in read_records(path, limit)]
 
 
 # -- rendering, filters, split, layout -------------------------------------------------------------
