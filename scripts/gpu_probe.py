@@ -186,7 +186,7 @@ def after_run(run: Path, hellaswag: Path, limit: int | None, batch_size: int, ne
                  "seconds": restore_s})
     shutil.rmtree(copy_to, ignore_errors=True)
     out = Checkpoints(copy_to, async_save=False, keep_best=False)
-    _, save_s = _timed(lambda: (out.save(step, state, data_state), out.wait()))
+    _, save_s = _timed(lambda s=state: (out.save(step, s, data_state), out.wait()))  # bound now: `del state` below
     out.close()
     rows.append({"what": "checkpoint save (same state, synchronous, to local disk)", "seconds": save_s})
     del state
