@@ -27,10 +27,17 @@ def get_config() -> Config:
         name="dpo",
         init_from="",  # the SFT run to start from; also the reference model
         model=None,  # the init_from run's model (shape and numerics); model.* overrides apply on top
-        data=DataConfig(format="preference", path="HuggingFaceH4/ultrafeedback_binarized:train_prefs",
-                        max_prompt_tokens=512, max_response_tokens=512, truncate=True, val_fraction=0.05),
+        data=DataConfig(
+            format="preference",
+            path="HuggingFaceH4/ultrafeedback_binarized:train_prefs",
+            max_prompt_tokens=512,
+            max_response_tokens=512,
+            truncate=True,
+            val_fraction=0.05,
+        ),
         dpo=DPOConfig(beta=0.1, label_smoothing=0.0, loss="sigmoid"),
         optim=OptimConfig(name="adamw", lr=1e-6, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0),
-        train=TrainConfig(steps=1000, batch_size=32, log_every=10, eval_every=100, ckpt_every=250,
-                          sample_every=250, sample_tokens=64),
+        train=TrainConfig(
+            steps=1000, batch_size=32, log_every=10, eval_every=100, ckpt_every=250, sample_every=250, sample_tokens=64
+        ),
     )

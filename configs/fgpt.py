@@ -1,4 +1,4 @@
-"""FGPT, phase 1: 662.7M (32 layers, 24 heads of 52, 1248 wide) on FineWeb-Edu, FGPT's recipe as its reported run did it.
+"""FGPT, phase 1: 662.7M (32 layers, 24 heads of 52, 1248 wide) on FineWeb-Edu, as FGPT's reported run did it.
 
 Batches of 84 x 1024 tokens with 6 micro-batches (516,096 tokens per update) for 41,667 updates
 (~21.5B tokens); FGPT's optimizer exactly: torch.optim.Muon(hidden, lr=0.03) with PyTorch's
@@ -23,10 +23,30 @@ def get_config() -> Config:
         name="fgpt",
         model=GPTConfig.preset("fgpt", dtype="bfloat16"),  # cuDNN attention with head_dim 52 padded to 56
         data=DataConfig(path="data/fineweb_edu_100B"),  # python -m fgpt_jax.data fineweb --name sample-100BT ...
-        optim=OptimConfig(name="muon", muon_lr=0.03, muon_momentum=0.95, muon_weight_decay=0.1,
-                          lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, weight_decay_on="all",
-                          grad_clip=1.0, warmup_steps=round(STEPS * 0.04), plateau_steps=round(STEPS * 0.20),
-                          min_lr_ratio=0.1),
-        train=TrainConfig(steps=STEPS, batch_size=84 * 6, grad_accum=6, log_every=10, eval_every=250,
-                          ckpt_every=1000, sample_every=1000, hellaswag_every=1000),
+        optim=OptimConfig(
+            name="muon",
+            muon_lr=0.03,
+            muon_momentum=0.95,
+            muon_weight_decay=0.1,
+            lr=3e-4,
+            beta1=0.9,
+            beta2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            weight_decay_on="all",
+            grad_clip=1.0,
+            warmup_steps=round(STEPS * 0.04),
+            plateau_steps=round(STEPS * 0.20),
+            min_lr_ratio=0.1,
+        ),
+        train=TrainConfig(
+            steps=STEPS,
+            batch_size=84 * 6,
+            grad_accum=6,
+            log_every=10,
+            eval_every=250,
+            ckpt_every=1000,
+            sample_every=1000,
+            hellaswag_every=1000,
+        ),
     )

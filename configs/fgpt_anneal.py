@@ -20,8 +20,18 @@ STEPS = 16_666
 def get_config() -> Config:
     phase1 = load_config("fgpt")
     return dataclasses.replace(
-        phase1, name="fgpt_anneal", init_from="runs/fgpt", init_mode="warm",
-        optim=dataclasses.replace(phase1.optim, muon_lr=0.003, lr=3e-5, min_lr_ratio=0.0005 / 0.003,
-                                  warmup_steps=0, plateau_steps=0, grad_clip=0.5),
+        phase1,
+        name="fgpt_anneal",
+        init_from="runs/fgpt",
+        init_mode="warm",
+        optim=dataclasses.replace(
+            phase1.optim,
+            muon_lr=0.003,
+            lr=3e-5,
+            min_lr_ratio=0.0005 / 0.003,
+            warmup_steps=0,
+            plateau_steps=0,
+            grad_clip=0.5,
+        ),
         train=dataclasses.replace(phase1.train, steps=STEPS),
     )

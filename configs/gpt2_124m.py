@@ -18,6 +18,14 @@ def get_config() -> Config:
         model=GPTConfig.preset("gpt2", dtype="bfloat16"),  # bf16 compute, float32 params and logits
         data=DataConfig(path="data/fineweb_edu_10B"),  # python -m fgpt_jax.data fineweb --out data/fineweb_edu_10B
         optim=OptimConfig(name="adamw", lr=6e-4, warmup_steps=715, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0),
-        train=TrainConfig(steps=19_073, batch_size=512, grad_accum=8, log_every=10, eval_every=250,
-                          ckpt_every=1000, sample_every=1000, hellaswag_every=250),  # all 10,042 items
+        train=TrainConfig(
+            steps=19_073,
+            batch_size=512,
+            grad_accum=8,
+            log_every=10,
+            eval_every=250,
+            ckpt_every=1000,
+            sample_every=1000,
+            hellaswag_every=250,
+        ),  # all 10,042 items
     )

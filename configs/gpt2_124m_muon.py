@@ -12,5 +12,5 @@ from fgpt_jax.config import load_config
 def get_config():
     cfg = load_config("gpt2_124m")
     return dataclasses.replace(
-        cfg, name="gpt2_124m_muon",
-        optim=dataclasses.replace(cfg.optim, name="muon", muon_lr=0.02, muon_momentum=0.95))
+        cfg, name="gpt2_124m_muon", optim=dataclasses.replace(cfg.optim, name="muon", muon_lr=0.02, muon_momentum=0.95)
+    )

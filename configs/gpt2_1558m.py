@@ -14,6 +14,14 @@ def get_config() -> Config:
         model=GPTConfig.preset("gpt2-xl", dtype="bfloat16", remat=True),  # bf16 compute, float32 params and logits
         data=DataConfig(path="data/fineweb_edu_100B"),  # python -m fgpt_jax.data fineweb --out data/fineweb_edu_100B
         optim=OptimConfig(name="adamw", lr=2e-4, warmup_steps=715, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0),
-        train=TrainConfig(steps=57_220, batch_size=512, grad_accum=64, log_every=10, eval_every=250,
-                          ckpt_every=1000, sample_every=1000, hellaswag_every=1000),
+        train=TrainConfig(
+            steps=57_220,
+            batch_size=512,
+            grad_accum=64,
+            log_every=10,
+            eval_every=250,
+            ckpt_every=1000,
+            sample_every=1000,
+            hellaswag_every=1000,
+        ),
     )

@@ -14,6 +14,14 @@ def get_config() -> Config:
         model=GPTConfig.preset("gpt2-medium", dtype="bfloat16", remat=False),  # bf16 compute, float32 params and logits
         data=DataConfig(path="data/fineweb_edu_10B"),  # python -m fgpt_jax.data fineweb --out data/fineweb_edu_10B
         optim=OptimConfig(name="adamw", lr=3e-4, warmup_steps=715, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0),
-        train=TrainConfig(steps=19_073, batch_size=512, grad_accum=16, log_every=10, eval_every=250,
-                          ckpt_every=1000, sample_every=1000, hellaswag_every=1000),
+        train=TrainConfig(
+            steps=19_073,
+            batch_size=512,
+            grad_accum=16,
+            log_every=10,
+            eval_every=250,
+            ckpt_every=1000,
+            sample_every=1000,
+            hellaswag_every=1000,
+        ),
     )

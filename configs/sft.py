@@ -21,9 +21,16 @@ def get_config() -> Config:
         name="sft",
         init_from="",  # the base run directory (pretrained here, or imported with python -m fgpt_jax.hf import)
         model=None,  # the base run's model (shape and numerics); model.* overrides apply on top
-        data=DataConfig(format="chat", path="yahma/alpaca-cleaned", max_prompt_tokens=300, max_response_tokens=300,
-                        pack=True, val_fraction=0.05),
+        data=DataConfig(
+            format="chat",
+            path="yahma/alpaca-cleaned",
+            max_prompt_tokens=300,
+            max_response_tokens=300,
+            pack=True,
+            val_fraction=0.05,
+        ),
         optim=OptimConfig(name="adamw", lr=5e-5, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0),
-        train=TrainConfig(steps=2000, batch_size=32, log_every=10, eval_every=100, ckpt_every=500,
-                          sample_every=250, sample_tokens=64),
+        train=TrainConfig(
+            steps=2000, batch_size=32, log_every=10, eval_every=100, ckpt_every=500, sample_every=250, sample_tokens=64
+        ),
     )

@@ -16,6 +16,7 @@ def get_config() -> Config:
         model=GPTConfig.preset("tiny"),  # 4 layers, 4 heads, 128 wide, context 128, float32
         data=DataConfig(path="tinyshakespeare", val_windows=64),  # the bundled Tiny Shakespeare, tokenised on first use
         optim=OptimConfig(name="muon", lr=3e-3, muon_lr=0.05, warmup_steps=20, min_lr_ratio=0.1),
-        train=TrainConfig(steps=200, batch_size=16, log_every=10, eval_every=25, ckpt_every=100,
-                          keep_checkpoints=2, sample_tokens=48),
+        train=TrainConfig(
+            steps=200, batch_size=16, log_every=10, eval_every=25, ckpt_every=100, keep_checkpoints=2, sample_tokens=48
+        ),
     )

@@ -47,11 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = load_model(args.run, args.step)
         if cfg.data.format not in ("chat", "preference"):  # preference: DPO after SFT
             # Pretrained or imported: it still answers, but a newcomer should know why it rambles.
-            print(f"note: {args.run} was not instruction-tuned (data.format {cfg.data.format!r}): answers will be "
-                  f"text continuations; fine-tune it first with python -m fgpt_jax.train --config sft "
-                  f"--config.init_from={args.run}", file=sys.stderr, flush=True)
-        session = ChatSession(Generator.from_model(model), system=args.system, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+            print(
+                f"note: {args.run} was not instruction-tuned (data.format {cfg.data.format!r}): answers will be "
+                f"text continuations; fine-tune it first with python -m fgpt_jax.train --config sft "
+                f"--config.init_from={args.run}",
+                file=sys.stderr,
+                flush=True,
+            )
+        session = ChatSession(
+            Generator.from_model(model),
+            system=args.system,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
         if args.prompt is not None:
             _answer(session, args.prompt)
             return 0
@@ -83,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fgpt_jax.checkpoint import CheckpointError
     from fgpt_jax.config import ConfigError
+
     return cli.run(body, (ConfigError, CheckpointError, ValueError))
 
 

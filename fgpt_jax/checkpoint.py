@@ -59,10 +59,12 @@ def _bits_u32(x: jax.Array) -> jax.Array:
 def _leaf_sums(tree) -> jax.Array:
     """One uint32 per leaf: sum over elements of bits * (2654435761 * i + 1), wrapping. A flipped bit
     or two swapped elements change it."""
+
     def one(x):
         bits = _bits_u32(jnp.asarray(x))
         weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
         return jnp.sum(bits * weights, dtype=jnp.uint32)
+
     leaves = jax.tree.leaves(tree)
     return jnp.stack([one(x) for x in leaves]) if leaves else jnp.zeros((0,), jnp.uint32)
 
@@ -76,16 +78,23 @@ def checksum(tree) -> str:
 class Checkpoints:
     """The `checkpoints/` directory of a run."""
 
-    def __init__(self, directory: str | Path, keep_last: int = 3, keep_best: bool = True, async_save: bool = True,
-                 read_only: bool = False):
+    def __init__(
+        self,
+        directory: str | Path,
+        keep_last: int = 3,
+        keep_best: bool = True,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         """`read_only` for readers (evaluation, generation): never creates, deletes or cleans up, so
         it is safe next to a training process that is writing checkpoints in the same directory."""
         self.directory = Path(directory).absolute()
         policies = [LatestN(n=max(keep_last, 1))]
         if keep_best:
             # Lowest validation loss; checkpoints saved without one are kept only by LatestN.
-            policies.append(BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
-                                  keep_checkpoints_without_metrics=False))
+            policies.append(
+                BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False)
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
@@ -94,8 +103,12 @@ class Checkpoints:
             read_only=read_only,
         )
         # Handlers named up front, so a manager that only reads (load_model) can read metadata too.
-        handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
-                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        handlers = {
+            "params": ocp.StandardCheckpointHandler(),
+            "train": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._pending: int | None = None  # the step of the async save in flight
 
@@ -111,19 +124,27 @@ class Checkpoints:
         A save still in flight is waited for first (its failure raises here); returns its step."""
         done = self.poll(wait=True)
         train = _train_fields(state)
-        meta = {"step": int(step), "time": time.time(),
-                "checksum": {"params": checksum(state.params), "train": checksum(train)}}
+        meta = {
+            "step": int(step),
+            "time": time.time(),
+            "checksum": {"params": checksum(state.params), "train": checksum(train)},
+        }
         metrics = None
         if val_loss is not None and np.isfinite(val_loss):
             meta["val_loss"] = float(val_loss)
             metrics = {"val_loss": float(val_loss)}
         try:
-            self.manager.save(int(step), args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
-                train=ocp.args.StandardSave(train),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave(meta),
-            ), metrics=metrics, force=True)
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state.params),
+                    train=ocp.args.StandardSave(train),
+                    data=ocp.args.JsonSave(data_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                metrics=metrics,
+                force=True,
+            )
         except Exception as e:
             raise self._save_failed(step, e) from e
         self._pending = int(step)
@@ -145,16 +166,23 @@ class Checkpoints:
     def _save_failed(self, step: int, e: Exception) -> CheckpointError:
         kept = [s for s in self.steps() if s != step]
         cause = _cause(e)
-        return CheckpointError(f"checkpoint {step}: save failed ({cause}); "
-                               f"{f'checkpoint {kept[-1]} is intact' if kept else 'no earlier checkpoint'}")
+        return CheckpointError(
+            f"checkpoint {step}: save failed ({cause}); "
+            f"{f'checkpoint {kept[-1]} is intact' if kept else 'no earlier checkpoint'}"
+        )
 
     def save_params(self, step: int, params, meta: dict | None = None) -> None:
         """A params-only checkpoint (an imported or exported model): loadable, not resumable."""
-        self.manager.save(int(step), args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            meta=ocp.args.JsonSave({"step": int(step), "time": time.time(), **(meta or {}),
-                                    "checksum": {"params": checksum(params)}}),
-        ), force=True)
+        self.manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                meta=ocp.args.JsonSave(
+                    {"step": int(step), "time": time.time(), **(meta or {}), "checksum": {"params": checksum(params)}}
+                ),
+            ),
+            force=True,
+        )
 
     # -- reading -----------------------------------------------------------------------------------
     def read_json(self, step: int, item: str) -> dict:
@@ -173,11 +201,14 @@ class Checkpoints:
         check_shapes(self.item_shapes(step, "params"), abstract_state.params, self.directory / str(step))
         sums = self.read_json(step, "meta").get("checksum", {})
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_state.params),
-                train=ocp.args.StandardRestore(_train_fields(abstract_state)),
-                data=ocp.args.JsonRestore(),
-            ))
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_state.params),
+                    train=ocp.args.StandardRestore(_train_fields(abstract_state)),
+                    data=ocp.args.JsonRestore(),
+                ),
+            )
         except Exception as e:
             raise self._unreadable(step, e) from e
         self._verify(step, sums, params=out["params"], train=out["train"])
@@ -196,8 +227,10 @@ class Checkpoints:
     def _verify(self, step: int, sums: dict, **items) -> None:
         for name, tree in items.items():
             if name in sums and checksum(tree) != sums[name]:
-                raise CheckpointError(f"checkpoint {step}: {name} do not match their checksum (corrupt: changed "
-                                      f"on disk after saving); {self._fallback(step)}")
+                raise CheckpointError(
+                    f"checkpoint {step}: {name} do not match their checksum (corrupt: changed "
+                    f"on disk after saving); {self._fallback(step)}"
+                )
 
     def _unreadable(self, step: int, e: Exception) -> CheckpointError:
         cause = _cause(e)
@@ -207,8 +240,10 @@ class Checkpoints:
         earlier = [s for s in self.steps() if s < step]
         if not earlier:
             return "no earlier checkpoint to fall back to"
-        return (f"earlier checkpoints: {', '.join(map(str, earlier))} (resume from one with --resume --step "
-                f"{earlier[-1]}; evaluate one with --step {earlier[-1]})")
+        return (
+            f"earlier checkpoints: {', '.join(map(str, earlier))} (resume from one with --resume --step "
+            f"{earlier[-1]}; evaluate one with --step {earlier[-1]})"
+        )
 
     def item_shapes(self, step: int, item: str) -> dict[str, tuple]:
         """{path: shape} of a saved item, read from its metadata (no arrays loaded)."""
@@ -252,8 +287,11 @@ def _train_fields(state) -> dict:
 def check_shapes(saved: dict[str, tuple], abstract_params, where) -> None:
     """Refuse to restore into a model of another shape, naming the parameters that differ."""
     want = {k: tuple(x.shape) for k, x in named_leaves(abstract_params).items()}
-    diffs = [f"{k}: checkpoint {saved.get(k, 'missing')} vs model {want.get(k, 'missing')}"
-             for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k, 'missing')} vs model {want.get(k, 'missing')}"
+        for k in sorted(set(saved) | set(want))
+        if saved.get(k) != want.get(k)
+    ]
     if diffs:
         more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
         raise CheckpointError(f"{where}: checkpoint does not fit this model config: {'; '.join(diffs[:3])}{more}")

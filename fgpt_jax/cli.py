@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 SEED_MAX = 2**32 - 1  # jax.random.key takes 32- or 64-bit seeds; one range for every command
@@ -36,7 +36,9 @@ def _number(text: str, kind: type):
     try:
         value = kind(text.replace("_", "")) if kind is int else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
@@ -44,27 +46,41 @@ def _number(text: str, kind: type):
 
 def int_in(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer in [lo, hi] (either bound optional)."""
+
     def parse(text: str) -> int:
         value = _number(text, int)
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            what = ("a positive integer" if (lo, hi) == (1, None) else "a non-negative integer" if (lo, hi) == (0, None)
-                    else f"an integer {f'>= {lo}' if hi is None else f'<= {hi}' if lo is None else f'in [{lo}, {hi}]'}")
+            what = (
+                "a positive integer"
+                if (lo, hi) == (1, None)
+                else "a non-negative integer"
+                if (lo, hi) == (0, None)
+                else f"an integer {f'>= {lo}' if hi is None else f'<= {hi}' if lo is None else f'in [{lo}, {hi}]'}"
+            )
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
+
     return parse
 
 
 def float_in(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Callable[[str], float]:
     """An argparse type: a finite number in [lo, hi] ((lo, hi] with `lo_open`)."""
+
     def parse(text: str) -> float:
         value = _number(text, float)
         low_bad = lo is not None and (value <= lo if lo_open else value < lo)
         if low_bad or (hi is not None and value > hi):
             left = "(" if lo_open else "["
-            bounds = (f"{'>' if lo_open else '>='} {lo}" if hi is None else f"<= {hi}" if lo is None
-                      else f"in {left}{lo}, {hi}]")
+            bounds = (
+                f"{'>' if lo_open else '>='} {lo}"
+                if hi is None
+                else f"<= {hi}"
+                if lo is None
+                else f"in {left}{lo}, {hi}]"
+            )
             raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text!r}")
         return value
+
     return parse
 
 
@@ -72,18 +88,39 @@ positive_int = int_in(1)
 seed = int_in(0, SEED_MAX)
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None, temperature: float, top_k: int,
-                      top_p: float) -> None:
+def add_sampling_args(
+    p: argparse.ArgumentParser, max_new_tokens: int | None, temperature: float, top_k: int, top_p: float
+) -> None:
     """--max-new-tokens, --temperature, --top-k, --top-p, --seed, checked the same way everywhere."""
     default = "the model's context / 2" if max_new_tokens is None else max_new_tokens
-    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, metavar="N",
-                   help=f"tokens to generate (default: {default}); past the context the window slides")
-    p.add_argument("--temperature", type=float_in(0.0, 100.0), default=temperature, metavar="T",
-                   help=f"0 = greedy (default {temperature})")
-    p.add_argument("--top-k", type=int_in(0), default=top_k, metavar="K",
-                   help=f"sample from the K most likely tokens; 0 = all (default {top_k})")
-    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=top_p, metavar="P",
-                   help=f"nucleus sampling mass in (0, 1]; 1 = off (default {top_p})")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=max_new_tokens,
+        metavar="N",
+        help=f"tokens to generate (default: {default}); past the context the window slides",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float_in(0.0, 100.0),
+        default=temperature,
+        metavar="T",
+        help=f"0 = greedy (default {temperature})",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int_in(0),
+        default=top_k,
+        metavar="K",
+        help=f"sample from the K most likely tokens; 0 = all (default {top_k})",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float_in(0.0, 1.0, lo_open=True),
+        default=top_p,
+        metavar="P",
+        help=f"nucleus sampling mass in (0, 1]; 1 = off (default {top_p})",
+    )
     p.add_argument("--seed", type=seed, default=0, help=f"PRNG seed in [0, {SEED_MAX}] (default 0)")
 
 
@@ -103,6 +140,7 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         from absl import logging as absl_logging
+
         absl_logging.set_verbosity(absl_logging.FATAL)
     except ImportError:
         pass

@@ -24,8 +24,8 @@ import functools
 import importlib
 import importlib.util
 import json
-import pkgutil
 import os
+import pkgutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,13 +62,16 @@ class TrainConfig:
     hellaswag_limit: int = 0  # score the first N items (0: all 10,042)
 
     def __post_init__(self):
-        problems = [f"{k}={getattr(self, k)} must be > 0" for k in ("steps", "batch_size", "grad_accum", "log_every",
-                                                                     "sample_tokens")
-                    if getattr(self, k) <= 0]
-        problems += [f"{k}={getattr(self, k)} must be >= 0" for k in ("seq_len", "eval_every", "ckpt_every",
-                                                                       "sample_every", "hellaswag_every",
-                                                                       "hellaswag_limit")
-                     if getattr(self, k) < 0]
+        problems = [
+            f"{k}={getattr(self, k)} must be > 0"
+            for k in ("steps", "batch_size", "grad_accum", "log_every", "sample_tokens")
+            if getattr(self, k) <= 0
+        ]
+        problems += [
+            f"{k}={getattr(self, k)} must be >= 0"
+            for k in ("seq_len", "eval_every", "ckpt_every", "sample_every", "hellaswag_every", "hellaswag_limit")
+            if getattr(self, k) < 0
+        ]
         if self.batch_size > 0 and self.grad_accum > 0 and self.batch_size % self.grad_accum:
             problems.append(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
         if self.sharding not in ("dp", "fsdp"):
@@ -87,7 +90,8 @@ class DPOConfig:
 
     beta: float = 0.1  # how far the policy may move from the reference: rewards are beta * (log pi - log pi_ref)
     label_smoothing: float = 0.0  # sigmoid: share of preference labels assumed flipped (conservative DPO); 0: plain DPO
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO (Rafailov et al. 2023); ipo: IPO's squared loss (Azar et al. 2023)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO (Rafailov et al. 2023); ipo: IPO's squared loss (Azar et
+    # al. 2023)
 
     def __post_init__(self):
         problems = []
@@ -109,9 +113,12 @@ class Config:
 
     name: str = "tiny"  # run name (used for the default workdir runs/<name>)
     seed: int = 0  # seeds parameter init and every other PRNG stream of the run
-    init_from: str = ""  # start from this run directory's latest checkpoint (fine-tuning, warm restart); "": random init
-    init_mode: Literal["params", "warm"] = "params"  # params: its weights, a fresh optimizer and data; warm: also its optimizer moments and data position, with this config's new schedule
-    model: GPTConfig | None = field(default_factory=lambda: GPTConfig.preset("tiny"))  # model shape and numerics; None: init_from's model
+    init_from: str = ""  # start from this run directory's latest checkpoint (fine-tuning, warm restart); "": random
+    # init
+    init_mode: Literal["params", "warm"] = "params"  # params: its weights, a fresh optimizer and data; warm: also its
+    # optimizer moments and data position, with this config's new schedule
+    model: GPTConfig | None = field(default_factory=lambda: GPTConfig.preset("tiny"))  # model shape and numerics; None:
+    # init_from's model
     data: DataConfig = field(default_factory=DataConfig)  # token shards and sampler
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and learning-rate schedule
     train: TrainConfig = field(default_factory=TrainConfig)  # the training loop
@@ -165,7 +172,7 @@ def load_config(spec: str = "tiny") -> Config:
     return cfg
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -257,8 +264,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(hints))
     if unknown:
         where = f" in '{prefix}'" if prefix else ""
-        raise ConfigError(f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}'{where}; "
-                          f"valid keys: {', '.join(_fields(cls))}")
+        raise ConfigError(
+            f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}'{where}; "
+            f"valid keys: {', '.join(_fields(cls))}"
+        )
     kwargs = {k: _check_value(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -320,10 +329,12 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, str]) -> Confi
             group = _group(hints[part])
             if i < len(parts) - 1:
                 if group is None:
-                    raise ConfigError(f"unknown config key '{key}': '{'.'.join(parts[:i + 1])}' has no sub-keys")
+                    raise ConfigError(f"unknown config key '{key}': '{'.'.join(parts[: i + 1])}' has no sub-keys")
                 if node[part] is None:
-                    raise ConfigError(f"--config.{key}: '{'.'.join(parts[:i + 1])}' is not set here (it comes from "
-                                      f"init_from); set init_from, or the whole group in a config file")
+                    raise ConfigError(
+                        f"--config.{key}: '{'.'.join(parts[: i + 1])}' is not set here (it comes from "
+                        f"init_from); set init_from, or the whole group in a config file"
+                    )
                 node, cls = node[part], group
             elif group is not None:
                 raise ConfigError(f"config key '{key}' is a group; set one of its keys: {', '.join(_fields(group))}")
@@ -332,8 +343,12 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, str]) -> Confi
     return from_dict(Config, data)
 
 
-def resolve_config(base: Config | str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                   run_dir: str | os.PathLike | None = None, resume: bool = False) -> Config:
+def resolve_config(
+    base: Config | str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> Config:
     """The config a run trains with. The CLI and `fgpt_jax.train.train` both call this.
 
     1. the base: a Config, a preset name or file; with none given, the run's own config.json when

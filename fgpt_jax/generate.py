@@ -19,14 +19,21 @@ from fgpt_jax import cli
 
 
 def _parser() -> cli.Parser:
-    p = cli.Parser(prog="python -m fgpt_jax.generate",
-                   description="Continue a prompt with a trained model (restored from its run directory).")
+    p = cli.Parser(
+        prog="python -m fgpt_jax.generate",
+        description="Continue a prompt with a trained model (restored from its run directory).",
+    )
     p.add_argument("--run", type=Path, required=True, metavar="DIR", help="run directory (config.json + checkpoints/)")
     p.add_argument("--prompt", required=True, help="text to continue ('-' reads it from stdin)")
     p.add_argument("--step", type=cli.int_in(0), metavar="N", help="checkpoint step (default: the latest)")
     cli.add_sampling_args(p, max_new_tokens=128, temperature=0.8, top_k=50, top_p=1.0)
-    p.add_argument("--num-samples", type=cli.int_in(1, 1024), default=1, metavar="N",
-                   help="independent continuations, generated as one batch (default 1)")
+    p.add_argument(
+        "--num-samples",
+        type=cli.int_in(1, 1024),
+        default=1,
+        metavar="N",
+        help="independent continuations, generated as one batch (default 1)",
+    )
     p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
     return p
 
@@ -50,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         gen = Generator.from_model(model)
         tok = get_tokenizer()
         ids = tok.encode(prompt) or [tok.eot_id]  # an empty prompt: start a new document
-        sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p)
+        sampling = dict(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
+        )
         if args.num_samples == 1 and not args.no_stream:
             out = TextStreamer()
             tokens = gen.stream(ids, seed=args.seed, **sampling)  # checks its arguments before anything is printed
@@ -72,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fgpt_jax.checkpoint import CheckpointError
     from fgpt_jax.config import ConfigError
+
     return cli.run(body, (ConfigError, CheckpointError, ValueError))
 
 

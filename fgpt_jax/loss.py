@@ -15,7 +15,8 @@ tuning) as (loss sum, count, metric sums), the form the train step and validatio
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,9 @@ def lm_loss_sums(model, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(losses_BT * mask_BT), jnp.sum(mask_BT)
 
 
-def fused_loss_sum(h_BTD: jax.Array, w_VD: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array,
-                   chunk: int) -> jax.Array:
+def fused_loss_sum(
+    h_BTD: jax.Array, w_VD: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, chunk: int
+) -> jax.Array:
     """sum over tokens of weights * cross-entropy(h @ w.T, targets), `chunk` positions at a time.
 
     Equal to `sum(token_losses(tied_head(h, w), targets) * weights)` and differentiable in h and
@@ -100,7 +102,7 @@ def _fused_fwd(h_nBCD, w_VD, t_nBC, wt_nBC):
         h_BCD, t_BC, wt_BC = xs
         logits_BCV, lse_BC, loss = _chunk(h_BCD, w_VD, t_BC, wt_BC)
         # d(loss)/d(logits) = weight * (softmax - onehot(target)), in float32, then the head's dtype.
-        g_BCV = (jnp.exp(logits_BCV - lse_BC[..., None]) - jax.nn.one_hot(t_BC, V, dtype=jnp.float32))
+        g_BCV = jnp.exp(logits_BCV - lse_BC[..., None]) - jax.nn.one_hot(t_BC, V, dtype=jnp.float32)
         g_BCV = (g_BCV * wt_BC[..., None]).astype(dt)
         dh_BCD = jnp.einsum("bcv,vd->bcd", g_BCV, w_c, preferred_element_type=jnp.float32).astype(dt)
         dw_VD = dw_VD + jnp.einsum("bcv,bcd->vd", g_BCV, h_BCD, preferred_element_type=jnp.float32)
@@ -157,9 +159,15 @@ def sequence_logps(logits_BTV: jax.Array, tokens_BT1: jax.Array, mask_BT: jax.Ar
     return -jnp.sum(token_losses(logits_BTV, tokens_BT1[:, 1:]) * mask_BT.astype(jnp.float32), axis=-1)
 
 
-def dpo_losses(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
-               ref_rejected: jax.Array, beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid"
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def dpo_losses(
+    policy_chosen: jax.Array,
+    policy_rejected: jax.Array,
+    ref_chosen: jax.Array,
+    ref_rejected: jax.Array,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-pair (loss, chosen reward, rejected reward) from the replies' summed log-probabilities.
 
     The implicit rewards are beta * (log pi - log pi_ref). With h = the chosen reply's log-ratio minus
@@ -174,15 +182,23 @@ def dpo_losses(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen:
     if loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
     elif loss_type == "sigmoid":
-        losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
-                  - label_smoothing * jax.nn.log_sigmoid(-beta * h))
+        losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(
+            -beta * h
+        )
     else:
         raise ValueError(f"loss_type {loss_type!r}: expected 'sigmoid' or 'ipo'")
     return losses, beta * chosen_ratio, beta * rejected_ratio
 
 
-DPO_METRICS = ("dpo/loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-               "logps/chosen", "logps/rejected")
+DPO_METRICS = (
+    "dpo/loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margin",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 def _pair_weights(mask_BT: jax.Array) -> jax.Array:
@@ -200,10 +216,18 @@ def dpo_sums(logps: jax.Array, batch, beta: float, label_smoothing: float = 0.0,
     logps = logps.reshape(-1, 2)
     ref = batch.ref_logp.astype(jnp.float32).reshape(-1, 2)
     w = _pair_weights(batch.mask)
-    losses, chosen, rejected = dpo_losses(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, label_smoothing,
-                                          loss_type)
-    per_pair = (losses, chosen, rejected, chosen - rejected, (chosen > rejected).astype(jnp.float32),
-                logps[:, 0], logps[:, 1])
+    losses, chosen, rejected = dpo_losses(
+        logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, label_smoothing, loss_type
+    )
+    per_pair = (
+        losses,
+        chosen,
+        rejected,
+        chosen - rejected,
+        (chosen > rejected).astype(jnp.float32),
+        logps[:, 0],
+        logps[:, 1],
+    )
     return jnp.sum(w * losses), jnp.sum(w), {k: jnp.sum(w * v) for k, v in zip(DPO_METRICS, per_pair)}
 
 
@@ -219,8 +243,9 @@ def dpo_objective(beta: float, label_smoothing: float = 0.0, loss_type: str = "s
     return Objective(sums, lambda batch: jnp.sum(_pair_weights(batch.mask)), DPO_METRICS)
 
 
-def make_dpo_eval_step(graphdef: nnx.GraphDef, beta: float, label_smoothing: float = 0.0,
-                       loss_type: str = "sigmoid", out_sharding=None) -> Callable:
+def make_dpo_eval_step(
+    graphdef: nnx.GraphDef, beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid", out_sharding=None
+) -> Callable:
     """`eval_step(params, batch) -> (loss_sum, count, metric_sums, row log-probs [2P])`, jitted.
 
     The one program that scores a DPO run's reference (the row log-probs) and its policy on the
@@ -235,5 +260,17 @@ def make_dpo_eval_step(graphdef: nnx.GraphDef, beta: float, label_smoothing: flo
     return jax.jit(eval_step, out_shardings=out_sharding)
 
 
-__all__ = ["token_losses", "lm_loss_sums", "fused_loss_sum", "make_eval_step", "Objective", "LM_OBJECTIVE",
-           "sequence_logps", "dpo_losses", "dpo_sums", "dpo_objective", "make_dpo_eval_step", "DPO_METRICS"]
+__all__ = [
+    "token_losses",
+    "lm_loss_sums",
+    "fused_loss_sum",
+    "make_eval_step",
+    "Objective",
+    "LM_OBJECTIVE",
+    "sequence_logps",
+    "dpo_losses",
+    "dpo_sums",
+    "dpo_objective",
+    "make_dpo_eval_step",
+    "DPO_METRICS",
+]

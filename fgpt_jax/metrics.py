@@ -62,6 +62,7 @@ class MetricsWriter:
             return
         self._truncate_after(keep_through)
         from tensorboardX import SummaryWriter
+
         # purge_step: TensorBoard hides events at or after it that earlier event files hold.
         self.tb = SummaryWriter(str(run.tb), purge_step=keep_through + 1)
         self._file = open(self.path, "a", encoding="utf-8")
@@ -133,7 +134,11 @@ class Throughput:
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, n_devices: int, peak: float | None):
         self.tokens_per_step, self.flops_per_token, self.n_devices, self.peak = (
-            tokens_per_step, flops_per_token, n_devices, peak)
+            tokens_per_step,
+            flops_per_token,
+            n_devices,
+            peak,
+        )
         self.rate = 0.0
         self.pause()
 
@@ -161,8 +166,14 @@ class Throughput:
 def format_line(step: int, total: int, values: dict, eta_s: float | None = None) -> str:
     """The plain progress line printed when stdout is not a terminal."""
     parts = [f"step {step}/{total}"]
-    for key, fmt in (("train/loss", "loss {:.4f}"), ("val/loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
-                     ("grad_norm", "gnorm {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}")):
+    for key, fmt in (
+        ("train/loss", "loss {:.4f}"),
+        ("val/loss", "val {:.4f}"),
+        ("lr", "lr {:.2e}"),
+        ("grad_norm", "gnorm {:.3f}"),
+        ("tokens_per_sec", "{:,.0f} tok/s"),
+        ("mfu", "mfu {:.1%}"),
+    ):
         if values.get(key) is not None:
             parts.append(fmt.format(values[key]))
     if eta_s is not None:

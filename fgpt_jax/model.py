@@ -66,7 +66,7 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GPTConfig":
+    def preset(cls, name: str, **overrides) -> GPTConfig:
         """Named model shapes: tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl, fgpt."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
@@ -109,8 +109,9 @@ def resolve_attention(config: GPTConfig) -> str:
     return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
 
 
-def causal_attention(q_BTNH: jax.Array, k_BTNH: jax.Array, v_BTNH: jax.Array, *,
-                     implementation: str = "xla", pad_multiple: int = 1) -> jax.Array:
+def causal_attention(
+    q_BTNH: jax.Array, k_BTNH: jax.Array, v_BTNH: jax.Array, *, implementation: str = "xla", pad_multiple: int = 1
+) -> jax.Array:
     """Causal softmax attention through `jax.nn.dot_product_attention`.
 
     cuDNN's fused kernels need head_dim % 8 == 0. For other head dims (FGPT: 52) q, k and v are
@@ -128,7 +129,8 @@ def causal_attention(q_BTNH: jax.Array, k_BTNH: jax.Array, v_BTNH: jax.Array, *,
     else:
         q_BTNP, k_BTNP, v_BTNP = q_BTNH, k_BTNH, v_BTNH
     out_BTNP = jax.nn.dot_product_attention(
-        q_BTNP, k_BTNP, v_BTNP, scale=1.0 / math.sqrt(H), is_causal=True, implementation=implementation)
+        q_BTNP, k_BTNP, v_BTNP, scale=1.0 / math.sqrt(H), is_causal=True, implementation=implementation
+    )
     return out_BTNP[..., :H]
 
 
@@ -150,12 +152,20 @@ class CausalSelfAttention(nnx.Module):
         self.implementation = resolve_attention(config)
         # cuDNN needs head_dim % 8 == 0; XLA does not, so only the cuDNN path is padded.
         self.pad_multiple = config.attention_pad if self.implementation == "cudnn" else 1
-        self.c_attn = nnx.Linear(D, 3 * D, use_bias=config.bias, dtype=dt, param_dtype=pdt,
-                                 kernel_init=_normal(0.02), rngs=rngs)
+        self.c_attn = nnx.Linear(
+            D, 3 * D, use_bias=config.bias, dtype=dt, param_dtype=pdt, kernel_init=_normal(0.02), rngs=rngs
+        )
         # Residual projection: std scaled by 1/sqrt(2 * n_layer) so the residual stream's variance
         # does not grow with depth (GPT-2 paper, section 2.3).
-        self.c_proj = nnx.Linear(D, D, use_bias=config.bias, dtype=dt, param_dtype=pdt,
-                                 kernel_init=_normal(0.02 / math.sqrt(2 * config.n_layer)), rngs=rngs)
+        self.c_proj = nnx.Linear(
+            D,
+            D,
+            use_bias=config.bias,
+            dtype=dt,
+            param_dtype=pdt,
+            kernel_init=_normal(0.02 / math.sqrt(2 * config.n_layer)),
+            rngs=rngs,
+        )
 
     def __call__(self, x_BTD: jax.Array, kv=None):
         """Training/scoring: causal attention over x. With `kv` = (k_LBSNH, v_LBSNH, layer, mask_BTS,
@@ -166,8 +176,9 @@ class CausalSelfAttention(nnx.Module):
         q_BTD, k_BTD, v_BTD = jnp.split(self.c_attn(x_BTD), 3, axis=-1)
         q_BTNH, k_BTNH, v_BTNH = (t.reshape(B, T, N, D // N) for t in (q_BTD, k_BTD, v_BTD))
         if kv is None:
-            y_BTNH = causal_attention(q_BTNH, k_BTNH, v_BTNH, implementation=self.implementation,
-                                      pad_multiple=self.pad_multiple)
+            y_BTNH = causal_attention(
+                q_BTNH, k_BTNH, v_BTNH, implementation=self.implementation, pad_multiple=self.pad_multiple
+            )
             return self.c_proj(y_BTNH.reshape(B, T, D))
         k_LBSNH, v_LBSNH, layer, mask_BTS, index = kv
         # Written in place into the whole [L, B, S, N, H] buffers: no per-step copy of the cache.
@@ -175,8 +186,9 @@ class CausalSelfAttention(nnx.Module):
         v_LBSNH = jax.lax.dynamic_update_slice(v_LBSNH, v_BTNH[None].astype(v_LBSNH.dtype), (layer, 0, index, 0, 0))
         k_BSNH, v_BSNH = k_LBSNH[layer].astype(q_BTNH.dtype), v_LBSNH[layer].astype(q_BTNH.dtype)
         # Decoding is memory-bound and masked per row (left padding): XLA's kernel, any head dim.
-        y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BTS[:, None],
-                                              scale=1.0 / math.sqrt(D // N))
+        y_BTNH = jax.nn.dot_product_attention(
+            q_BTNH, k_BSNH, v_BSNH, mask=mask_BTS[:, None], scale=1.0 / math.sqrt(D // N)
+        )
         return self.c_proj(y_BTNH.reshape(B, T, D)), k_LBSNH, v_LBSNH
 
 
@@ -184,10 +196,18 @@ class MLP(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         D = config.n_embd
         dt, pdt = DTYPES[config.dtype], DTYPES[config.param_dtype]
-        self.c_fc = nnx.Linear(D, 4 * D, use_bias=config.bias, dtype=dt, param_dtype=pdt,
-                               kernel_init=_normal(0.02), rngs=rngs)
-        self.c_proj = nnx.Linear(4 * D, D, use_bias=config.bias, dtype=dt, param_dtype=pdt,
-                                 kernel_init=_normal(0.02 / math.sqrt(2 * config.n_layer)), rngs=rngs)
+        self.c_fc = nnx.Linear(
+            D, 4 * D, use_bias=config.bias, dtype=dt, param_dtype=pdt, kernel_init=_normal(0.02), rngs=rngs
+        )
+        self.c_proj = nnx.Linear(
+            4 * D,
+            D,
+            use_bias=config.bias,
+            dtype=dt,
+            param_dtype=pdt,
+            kernel_init=_normal(0.02 / math.sqrt(2 * config.n_layer)),
+            rngs=rngs,
+        )
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         return self.c_proj(jax.nn.gelu(self.c_fc(x_BTD), approximate=True))
@@ -197,9 +217,13 @@ class Block(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         dt, pdt = DTYPES[config.dtype], DTYPES[config.param_dtype]
         # epsilon 1e-5 as in GPT-2 / torch (flax's default is 1e-6).
-        self.ln_1 = nnx.LayerNorm(config.n_embd, epsilon=1e-5, use_bias=config.bias, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.ln_1 = nnx.LayerNorm(
+            config.n_embd, epsilon=1e-5, use_bias=config.bias, dtype=dt, param_dtype=pdt, rngs=rngs
+        )
         self.attn = CausalSelfAttention(config, rngs=rngs)
-        self.ln_2 = nnx.LayerNorm(config.n_embd, epsilon=1e-5, use_bias=config.bias, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.ln_2 = nnx.LayerNorm(
+            config.n_embd, epsilon=1e-5, use_bias=config.bias, dtype=dt, param_dtype=pdt, rngs=rngs
+        )
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array, kv=None):
@@ -249,12 +273,16 @@ class GPT(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.config = config
         dt, pdt = DTYPES[config.dtype], DTYPES[config.param_dtype]
-        self.wte = nnx.Embed(config.vocab_size, config.n_embd, dtype=dt, param_dtype=pdt,
-                             embedding_init=_normal(0.02), rngs=rngs)
-        self.wpe = nnx.Embed(config.block_size, config.n_embd, dtype=dt, param_dtype=pdt,
-                             embedding_init=_normal(0.02), rngs=rngs)
+        self.wte = nnx.Embed(
+            config.vocab_size, config.n_embd, dtype=dt, param_dtype=pdt, embedding_init=_normal(0.02), rngs=rngs
+        )
+        self.wpe = nnx.Embed(
+            config.block_size, config.n_embd, dtype=dt, param_dtype=pdt, embedding_init=_normal(0.02), rngs=rngs
+        )
         self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
-        self.ln_f = nnx.LayerNorm(config.n_embd, epsilon=1e-5, use_bias=config.bias, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.ln_f = nnx.LayerNorm(
+            config.n_embd, epsilon=1e-5, use_bias=config.bias, dtype=dt, param_dtype=pdt, rngs=rngs
+        )
 
     def hidden_states(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
         """Final-LayerNorm output [B, T, D] in the compute dtype (blocks unrolled, or scanned
@@ -326,7 +354,7 @@ def abstract_model(config: GPTConfig) -> GPT:
 
 
 def param_name(keypath) -> str:
-    """"h/0/attn/c_attn/kernel" for a jax key path into the model's state.
+    """ "h/0/attn/c_attn/kernel" for a jax key path into the model's state.
 
     Only dict keys and list indices name a parameter: the `.value` attribute of an nnx.Variable
     and the {"value": ...} level orbax stores it under are not part of the name.

@@ -67,7 +67,8 @@ class OptimConfig:
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.1  # AdamW decoupled weight decay (multiplied by lr)
-    weight_decay_on: Literal["matrices", "all"] = "matrices"  # AdamW decay on matrices only (build-nanogpt) or on every AdamW parameter (FGPT, torch)
+    weight_decay_on: Literal["matrices", "all"] = "matrices"  # AdamW decay on matrices only (build-nanogpt) or on every
+    # AdamW parameter (FGPT, torch)
     ns_dtype: Literal["float32", "bfloat16"] = "float32"  # Newton-Schulz compute dtype (momentum stays float32)
     grad_clip: float = 1.0  # global-norm clipping threshold (0 disables)
     schedule: Literal["cosine", "wsd"] = "cosine"  # decay shape after warmup and plateau: cosine or linear (WSD)
@@ -130,16 +131,19 @@ def lr_multiplier(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def param_labels(params) -> dict:
-    """"muon" or "adamw" for every parameter of a GPT state, by its path."""
+    """ "muon" or "adamw" for every parameter of a GPT state, by its path."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "muon" if MUON_PATTERN.match(param_name(path)) else "adamw", params)
+        lambda path, _: "muon" if MUON_PATTERN.match(param_name(path)) else "adamw", params
+    )
 
 
 def scale_by_shape() -> optax.GradientTransformation:
     """Scale each (in, out) update by sqrt(max(1, out / in)): Muon's width transfer rule."""
+
     def update(updates, state, params=None):
         del params
         return jax.tree.map(lambda u: u * math.sqrt(max(1.0, u.shape[1] / u.shape[0])), updates), state
+
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
@@ -177,18 +181,27 @@ def scale_by_muon_bf16(ns_steps: int, beta: float, weight_dimension_numbers) -> 
     """optax's Nesterov `scale_by_muon` with the Newton-Schulz iteration in bf16 (half the matmul cost
     on tensor cores) and the momentum in float32. Same state (MuonState) as optax's, so a run can
     switch between the two on resume."""
-    base = scale_by_muon(ns_coeffs=NS_COEFFS, ns_steps=ns_steps, beta=beta, nesterov=True,
-                         weight_dimension_numbers=weight_dimension_numbers)
+    base = scale_by_muon(
+        ns_coeffs=NS_COEFFS,
+        ns_steps=ns_steps,
+        beta=beta,
+        nesterov=True,
+        weight_dimension_numbers=weight_dimension_numbers,
+    )
 
     def update(updates, state, params=None):
         del params
         mu = optax.tree.update_moment(updates, state.mu, beta, 1)
         count = optax.safe_increment(state.count)
-        mu_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g,
-                              optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
-                              optax.tree.bias_correction(updates, beta, count))
-        return (jax.tree.map(lambda x: newton_schulz_bf16(x, ns_steps), mu_hat),
-                MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs))
+        mu_hat = jax.tree.map(
+            lambda m, g: beta * m + (1 - beta) * g,
+            optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
+            optax.tree.bias_correction(updates, beta, count),
+        )
+        return (
+            jax.tree.map(lambda x: newton_schulz_bf16(x, ns_steps), mu_hat),
+            MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs),
+        )
 
     return optax.GradientTransformation(base.init, update)
 
@@ -206,8 +219,13 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
         inner = adamw
     else:
         if cfg.ns_dtype == "float32":
-            core = scale_by_muon(ns_coeffs=NS_COEFFS, ns_steps=cfg.ns_steps, beta=cfg.muon_momentum, nesterov=True,
-                                 weight_dimension_numbers=_kernel_dims)
+            core = scale_by_muon(
+                ns_coeffs=NS_COEFFS,
+                ns_steps=cfg.ns_steps,
+                beta=cfg.muon_momentum,
+                nesterov=True,
+                weight_dimension_numbers=_kernel_dims,
+            )
         else:
             core = scale_by_muon_bf16(cfg.ns_steps, cfg.muon_momentum, _kernel_dims)
         muon = optax.chain(
@@ -225,8 +243,9 @@ def restart_schedule(opt_state):
     """`opt_state` with every schedule's step counter at 0 and everything else kept (the moments, and
     Adam's/Muon's own counts, whose bias corrections must not restart on warm moments)."""
     is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
-    return jax.tree.map(lambda x: x._replace(count=jnp.zeros_like(x.count)) if is_schedule(x) else x,
-                        opt_state, is_leaf=is_schedule)
+    return jax.tree.map(
+        lambda x: x._replace(count=jnp.zeros_like(x.count)) if is_schedule(x) else x, opt_state, is_leaf=is_schedule
+    )
 
 
 def learning_rates(cfg: OptimConfig, total_steps: int, step) -> dict[str, jax.Array]:
@@ -236,5 +255,3 @@ def learning_rates(cfg: OptimConfig, total_steps: int, step) -> dict[str, jax.Ar
     if cfg.name == "muon":
         rates["lr_muon"] = cfg.muon_lr * m
     return rates
-
-

@@ -30,13 +30,13 @@ def _read_rows(path: Path) -> list[dict]:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (expected the JSON lines "
-                         f"fgpt_jax.train writes)") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (expected the JSON lines fgpt_jax.train writes)") from None
     rows = read_metrics(path)  # skips lines that are not objects with a step (one cut short by a crash, say)
     if not rows:
-        raise ValueError(f"{path}: no metrics (expected JSON objects with an integer \"step\", one per line, "
-                         f"as fgpt_jax.train writes)")
+        raise ValueError(
+            f'{path}: no metrics (expected JSON objects with an integer "step", one per line, as fgpt_jax.train writes)'
+        )
     return rows
 
 
@@ -49,10 +49,11 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the curves of `run_dir` to `out` (default RUN/curves.png) and return its path."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")  # files only: works on headless GPU nodes
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("matplotlib is needed for plots: pip install -e \".[plot]\"") from None
+        raise ImportError('matplotlib is needed for plots: pip install -e ".[plot]"') from None
     out = Path(out) if out else Path(run_dir) / "curves.png"
     formats = sorted(plt.figure().canvas.get_supported_filetypes())
     plt.close("all")
@@ -105,10 +106,15 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser(prog="python -m fgpt_jax.plot", description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, metavar="DIR", help="run directory (holds metrics.jsonl)")
-    p.add_argument("run_positional", nargs="?", type=Path, metavar="RUN", help=argparse.SUPPRESS)  # the 0.1 form: plot RUN
-    p.add_argument("--out", type=Path, metavar="FILE",
-                   help="output image; its extension picks the format: .png, .svg, .pdf, ... "
-                        "(default: RUN/curves.png)")
+    p.add_argument(
+        "run_positional", nargs="?", type=Path, metavar="RUN", help=argparse.SUPPRESS
+    )  # the 0.1 form: plot RUN
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="output image; its extension picks the format: .png, .svg, .pdf, ... (default: RUN/curves.png)",
+    )
     args = p.parse_args(argv)
     run = args.run or args.run_positional
     if run is None:

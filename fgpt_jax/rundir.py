@@ -34,7 +34,14 @@ class RunDirError(RuntimeError):
 
 class RunDir:
     CONFIG, CHECKPOINTS, TB, METRICS, LOG, EVAL, LOCK = (
-        "config.json", "checkpoints", "tb", "metrics.jsonl", "train.log", "eval.jsonl", ".lock")
+        "config.json",
+        "checkpoints",
+        "tb",
+        "metrics.jsonl",
+        "train.log",
+        "eval.jsonl",
+        ".lock",
+    )
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).absolute()
@@ -96,8 +103,10 @@ class RunDir:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
-                raise RunDirError(f"--run {self.path}: in use by {holder}; wait for it to finish, stop it, "
-                                  f"or choose another run directory") from None
+                raise RunDirError(
+                    f"--run {self.path}: in use by {holder}; wait for it to finish, stop it, "
+                    f"or choose another run directory"
+                ) from None
             info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
             os.ftruncate(fd, 0)
             os.pwrite(fd, info.encode(), 0)

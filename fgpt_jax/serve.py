@@ -21,19 +21,34 @@ from fgpt_jax import cli
 
 
 def _parser() -> cli.Parser:
-    p = cli.Parser(prog="python -m fgpt_jax.serve",
-                   description="Serve a run: OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
-                               "/v1/models) and a web chat page at /.")
+    p = cli.Parser(
+        prog="python -m fgpt_jax.serve",
+        description="Serve a run: OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+        "/v1/models) and a web chat page at /.",
+    )
     p.add_argument("--run", type=Path, required=True, metavar="DIR", help="run directory (config.json + checkpoints/)")
     p.add_argument("--step", type=cli.int_in(0), metavar="N", help="checkpoint step (default: the latest)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=cli.int_in(0, 65535), default=8000, help="TCP port; 0 = any free one (default 8000)")
-    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/* (default: none; "
-                                                    "also read from FGPT_API_KEY)")
-    p.add_argument("--max-batch", type=cli.int_in(1, 1024), default=8, metavar="N",
-                   help="requests decoded together in one batch (default 8)")
-    p.add_argument("--max-queue", type=cli.int_in(0), default=64, metavar="N",
-                   help="requests that may wait for a slot; more get 503 (default 64)")
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: none; also read from FGPT_API_KEY)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=cli.int_in(1, 1024),
+        default=8,
+        metavar="N",
+        help="requests decoded together in one batch (default 8)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=cli.int_in(0),
+        default=64,
+        metavar="N",
+        help="requests that may wait for a slot; more get 503 (default 64)",
+    )
     p.add_argument("--model-name", metavar="NAME", help="model id in the API (default: the run directory's name)")
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of at start")
     return p
@@ -77,15 +92,19 @@ def main(argv: list[str] | None = None) -> int:
             app = create_app(engine, name, instruction_tuned, api_key=api_key)
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
-            print(f"serving {name} at http://{shown}:{port}/ ({'instruction-tuned' if instruction_tuned else 'base'} "
-                  f"model, context {model.config.block_size}, max batch {args.max_batch}"
-                  f"{', API key required' if api_key else ''})", flush=True)
+            print(
+                f"serving {name} at http://{shown}:{port}/ ({'instruction-tuned' if instruction_tuned else 'base'} "
+                f"model, context {model.config.block_size}, max batch {args.max_batch}"
+                f"{', API key required' if api_key else ''})",
+                flush=True,
+            )
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
             server.run(sockets=[sock])
         return 0
 
     from fgpt_jax.checkpoint import CheckpointError
     from fgpt_jax.config import ConfigError
+
     return cli.run(body, (ConfigError, CheckpointError, ValueError))
 
 

@@ -18,7 +18,8 @@ from typing import Literal
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXIS = "data"
 
@@ -31,7 +32,8 @@ def initialize_distributed() -> bool:
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ.get("JAX_PROCESS_ID", "0")))
+            process_id=int(os.environ.get("JAX_PROCESS_ID", "0")),
+        )
         return True
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         jax.distributed.initialize()  # jax reads the cluster layout from SLURM / Open MPI

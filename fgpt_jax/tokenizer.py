@@ -28,8 +28,7 @@ RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 # GPT-2's pre-tokenisation regex (tiktoken_ext.openai_public.r50k_pat_str).
 R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
-EOT, USER, ASSISTANT, SYSTEM, END = (
-    "<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
+EOT, USER, ASSISTANT, SYSTEM, END = ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
 SPECIAL_TOKENS = {EOT: 50256, USER: 50257, ASSISTANT: 50258, SYSTEM: 50259, END: 50260}
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 N_VOCAB = 50261  # ids the tokenizer can produce; the model pads to GPTConfig.vocab_size (50304)
@@ -39,6 +38,7 @@ TOKENIZER_NAME = "gpt2-fgpt-chat"
 @dataclass(frozen=True)
 class Message:
     """One chat turn; `role` is "system", "user" or "assistant"."""
+
     role: str
     content: str
 
@@ -94,8 +94,9 @@ class Tokenizer:
         """Raw bytes, for streaming: a UTF-8 character may span several tokens."""
         return self._enc.decode_bytes([int(i) for i in ids if 0 <= int(i) < self.n_vocab])
 
-    def render_chat(self, messages: Sequence[Message | dict], add_generation_prompt: bool = False
-                    ) -> tuple[list[int], list[int]]:
+    def render_chat(
+        self, messages: Sequence[Message | dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
         """Render a conversation with the Phi-3-style template of docs/design.md.
 
         `<|endoftext|>[<|system|>S<|end|>]<|user|>U<|end|><|assistant|>A<|end|>...`
@@ -121,7 +122,7 @@ class Tokenizer:
         return ids, mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_tokenizer() -> Tokenizer:
     """The project's one tokenizer (cached: building the BPE ranks takes ~0.3 s)."""
     return Tokenizer()

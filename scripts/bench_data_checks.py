@@ -39,20 +39,25 @@ def main() -> None:
     try:
         np.save(path, np.random.default_rng(0).integers(0, 50_257, 100_000_000, dtype=np.uint16))
         arr = np.asarray(np.load(path, mmap_mode="r"))
-        rows = [("fingerprint (first and last 4,096 tokens)", best(5, lambda: fingerprint(arr))),
-                ("sampled_sha256 (64 blocks of 4,096 tokens)", best(5, lambda: sampled_sha256(arr))),
-                ("file_sha256 (every byte, 200 MB)", best(3, lambda: file_sha256(path)))]
+        rows = [
+            ("fingerprint (first and last 4,096 tokens)", best(5, lambda: fingerprint(arr))),
+            ("sampled_sha256 (64 blocks of 4,096 tokens)", best(5, lambda: sampled_sha256(arr))),
+            ("file_sha256 (every byte, 200 MB)", best(3, lambda: file_sha256(path))),
+        ]
         for batch in (16, 64):
+
             def loader(vocab):
                 shards = ShardSet(path=d, split="train", manifest={}, arrays=[arr], files=[path], vocab_size=vocab)
                 return WindowLoader(shards, 1024, batch, prefetch=0)
+
             checked, unchecked = loader(VOCAB), loader(None)
             starts = checked.window_starts(checked.local_rows(0))
             tokens = checked.shards.gather(starts, 1025)
-            rows += [(f"check_vocab, batch {batch} x 1025",
-                      best(200, lambda: checked.shards.check_vocab(tokens, starts))),
-                     (f"WindowLoader.batch with the check, batch {batch} x 1025", best(50, lambda: checked.batch(1))),
-                     (f"WindowLoader.batch without it, batch {batch} x 1025", best(50, lambda: unchecked.batch(1)))]
+            rows += [
+                (f"check_vocab, batch {batch} x 1025", best(200, lambda: checked.shards.check_vocab(tokens, starts))),
+                (f"WindowLoader.batch with the check, batch {batch} x 1025", best(50, lambda: checked.batch(1))),
+                (f"WindowLoader.batch without it, batch {batch} x 1025", best(50, lambda: unchecked.batch(1))),
+            ]
     finally:
         if os.path.exists(path):
             os.remove(path)

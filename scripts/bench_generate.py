@@ -62,9 +62,11 @@ def main():
     gen = Generator.from_model(model, stop_ids=())  # no early stop: every row decodes all tokens
     graphdef, params = nnx.split(model, nnx.Param)
     rng = np.random.default_rng(0)
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, preset {args.preset} "
-          f"({cfg.num_params() / 1e6:.2f}M params), context {cfg.block_size}, {args.dtype}, "
-          f"{args.new_tokens} new tokens, greedy")
+    print(
+        f"jax {jax.__version__}, {jax.devices()[0].device_kind}, preset {args.preset} "
+        f"({cfg.num_params() / 1e6:.2f}M params), context {cfg.block_size}, {args.dtype}, "
+        f"{args.new_tokens} new tokens, greedy"
+    )
     print("| prompt tokens | batch | KV cache tok/s | recompute tok/s | speed-up |")
     print("|---:|---:|---:|---:|---:|")
     for P in args.prompt_tokens:
@@ -74,8 +76,9 @@ def main():
             buf = np.zeros((B, P + args.new_tokens), np.int32)
             buf[:, :P] = prompts
             buf = jnp.asarray(buf)
-            re = best_time(lambda: recompute_generate(graphdef, params, buf, P, args.new_tokens).block_until_ready(),
-                           args.repeat)
+            re = best_time(
+                lambda: recompute_generate(graphdef, params, buf, P, args.new_tokens).block_until_ready(), args.repeat
+            )
             n = B * args.new_tokens
             print(f"| {P} | {B} | {n / kv:,.0f} | {n / re:,.0f} | {re / kv:.1f}x |", flush=True)
 

@@ -42,11 +42,11 @@ def naive_items_per_sec(graphdef, params, items, block_size: int) -> float:
         for j, ending in enumerate(item.endings):
             end = tok.encode(" " + ending)
             seq = (ctx + end)[-block_size:]
-            x[j, :len(seq)] = seq
+            x[j, : len(seq)] = seq
             spans.append((max(len(seq) - len(end), 1), seq))
         logits = np.asarray(forward(params, x), np.float64)
         for j, (first, seq) in enumerate(spans):
-            lg = logits[j, first - 1:len(seq) - 1]
+            lg = logits[j, first - 1 : len(seq) - 1]
             lg = lg - lg.max(-1, keepdims=True)
             _ = (lg[np.arange(len(lg)), seq[first:]] - np.log(np.exp(lg).sum(-1))).sum()
     return len(items) / (time.perf_counter() - t0)
@@ -72,11 +72,16 @@ def main(argv=None) -> None:
     graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     items = load_examples(args.data, args.limit)
     dev = jax.devices()[0]
-    print(f"python {platform.python_version()}, jax {jax.__version__}, {jax.device_count()} x {dev.device_kind} "
-          f"({jax.default_backend()}), {os.cpu_count()} CPUs; preset {args.preset} ({cfg.num_params() / 1e6:.1f}M, "
-          f"block {cfg.block_size}, {cfg.dtype}); {len(items)} items from {args.data.name}", flush=True)
-    print("| preset | batch (items) | buckets used (L x batches) | build s | first call s (compile + score) "
-          "| steady s | items/s |")
+    print(
+        f"python {platform.python_version()}, jax {jax.__version__}, {jax.device_count()} x {dev.device_kind} "
+        f"({jax.default_backend()}), {os.cpu_count()} CPUs; preset {args.preset} ({cfg.num_params() / 1e6:.1f}M, "
+        f"block {cfg.block_size}, {cfg.dtype}); {len(items)} items from {args.data.name}",
+        flush=True,
+    )
+    print(
+        "| preset | batch (items) | buckets used (L x batches) | build s | first call s (compile + score) "
+        "| steady s | items/s |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|")
     for batch in args.batch_size:
         t0 = time.perf_counter()
@@ -92,13 +97,18 @@ def main(argv=None) -> None:
             steady.append(time.perf_counter() - t0)
         best = min(steady) if steady else first
         used = ", ".join(f"{s[2]}x{s[0]}" for s in scorer.shapes)
-        print(f"| {args.preset} | {scorer.batch_size} | {used} | {build:.2f} | {first:.2f} | {best:.2f} "
-              f"| {len(items) / best:,.1f} |", flush=True)
+        print(
+            f"| {args.preset} | {scorer.batch_size} | {used} | {build:.2f} | {first:.2f} | {best:.2f} "
+            f"| {len(items) / best:,.1f} |",
+            flush=True,
+        )
     print(f"metrics (random weights): {result}")
     if args.naive:
-        rate = naive_items_per_sec(graphdef, params, items[:args.naive], cfg.block_size)
-        print(f"naive per-item loop ({min(args.naive, len(items))} items, 4 rows x {cfg.block_size}, full logits): "
-              f"{rate:,.1f} items/s")
+        rate = naive_items_per_sec(graphdef, params, items[: args.naive], cfg.block_size)
+        print(
+            f"naive per-item loop ({min(args.naive, len(items))} items, 4 rows x {cfg.block_size}, full logits): "
+            f"{rate:,.1f} items/s"
+        )
     sys.stdout.flush()
 
 

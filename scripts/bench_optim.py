@@ -41,8 +41,13 @@ def run_one(base, overrides: list[str], workdir: Path) -> dict:
     t0 = time.perf_counter()
     train(cfg, workdir)
     curve = [(r["step"], r["val/loss"]) for r in read_metrics(workdir) if "val/loss" in r]
-    return {"overrides": overrides, "curve": curve, "final": curve[-1][1], "seconds": time.perf_counter() - t0,
-            "tokens_per_step": cfg.train.batch_size * (cfg.train.seq_len or cfg.model.block_size)}
+    return {
+        "overrides": overrides,
+        "curve": curve,
+        "final": curve[-1][1],
+        "seconds": time.perf_counter() - t0,
+        "tokens_per_step": cfg.train.batch_size * (cfg.train.seq_len or cfg.model.block_size),
+    }
 
 
 def main(argv=None) -> int:
@@ -56,37 +61,62 @@ def main(argv=None) -> int:
     p.add_argument("--muon-lrs", type=float, nargs="+", default=[0.01, 0.02, 0.05])
     p.add_argument("--json", help="write the curves to this file")
     args = p.parse_args(rest)
-    common = overrides + [f"data.path={args.data}", f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",
-                          "train.ckpt_every=0", "train.sample_every=0", "train.log_every=50",
-                          f"optim.warmup_steps={max(1, args.steps // 20)}"]
+    common = overrides + [
+        f"data.path={args.data}",
+        f"train.steps={args.steps}",
+        f"train.eval_every={args.eval_every}",
+        "train.ckpt_every=0",
+        "train.sample_every=0",
+        "train.log_every=50",
+        f"optim.warmup_steps={max(1, args.steps // 20)}",
+    ]
     base = spec or "tiny"
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, lr in enumerate(args.adamw_lrs):
-            runs.append({"optimizer": "adamw", "lr": lr, **run_one(base, common + ["optim.name=adamw", f"optim.lr={lr}"],
-                                                                  Path(tmp) / f"adamw{i}")})
+            runs.append(
+                {
+                    "optimizer": "adamw",
+                    "lr": lr,
+                    **run_one(base, common + ["optim.name=adamw", f"optim.lr={lr}"], Path(tmp) / f"adamw{i}"),
+                }
+            )
         best_adamw = min((r for r in runs if r["optimizer"] == "adamw"), key=lambda r: r["final"])
         for i, lr in enumerate(args.muon_lrs):
-            runs.append({"optimizer": "muon", "lr": lr, **run_one(
-                base, common + ["optim.name=muon", f"optim.lr={best_adamw['lr']}", f"optim.muon_lr={lr}"],
-                Path(tmp) / f"muon{i}")})
+            runs.append(
+                {
+                    "optimizer": "muon",
+                    "lr": lr,
+                    **run_one(
+                        base,
+                        common + ["optim.name=muon", f"optim.lr={best_adamw['lr']}", f"optim.muon_lr={lr}"],
+                        Path(tmp) / f"muon{i}",
+                    ),
+                }
+            )
     best_muon = min((r for r in runs if r["optimizer"] == "muon"), key=lambda r: r["final"])
     target = best_adamw["final"]
     tps = best_adamw["tokens_per_step"]
     cfg = resolve_config(base, common)
-    print(f"{cfg.model.num_params() / 1e6:.2f}M parameters, {args.steps} steps of {tps:,} tokens "
-          f"({args.steps * tps:,} tokens), val every {args.eval_every} steps, data {args.data}")
+    print(
+        f"{cfg.model.num_params() / 1e6:.2f}M parameters, {args.steps} steps of {tps:,} tokens "
+        f"({args.steps * tps:,} tokens), val every {args.eval_every} steps, data {args.data}"
+    )
     print("| optimizer | lr (muon: hidden matrices) | final val loss | tokens to AdamW's final | seconds |")
     print("|---|---:|---:|---:|---:|")
     for r in runs:
         reach = tokens_to(r["curve"], target, r["tokens_per_step"])
-        print(f"| {r['optimizer']}{' (best)' if r in (best_adamw, best_muon) else ''} | {r['lr']:g} | "
-              f"{r['final']:.4f} | {'not reached' if reach is None else f'{reach:,.0f}'} | {r['seconds']:.0f} |")
+        print(
+            f"| {r['optimizer']}{' (best)' if r in (best_adamw, best_muon) else ''} | {r['lr']:g} | "
+            f"{r['final']:.4f} | {'not reached' if reach is None else f'{reach:,.0f}'} | {r['seconds']:.0f} |"
+        )
     muon_tokens = tokens_to(best_muon["curve"], target, tps)
     adamw_tokens = tokens_to(best_adamw["curve"], target, tps)
     ratio = None if muon_tokens is None or not adamw_tokens else muon_tokens / adamw_tokens
-    print(f"\nMuon (lr {best_muon['lr']:g}) needs {'n/a' if ratio is None else f'{ratio:.2f}x'} the tokens AdamW "
-          f"(lr {best_adamw['lr']:g}) needs to reach {target:.4f} (goal: <= 0.70x)")
+    print(
+        f"\nMuon (lr {best_muon['lr']:g}) needs {'n/a' if ratio is None else f'{ratio:.2f}x'} the tokens AdamW "
+        f"(lr {best_adamw['lr']:g}) needs to reach {target:.4f} (goal: <= 0.70x)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"target": target, "ratio": ratio, "runs": runs}, indent=1))
     return 0

@@ -33,15 +33,33 @@ def make_run(path: Path, preset: str) -> Path:
     from fgpt_jax.checkpoint import save_model
     from fgpt_jax.config import Config
     from fgpt_jax.model import GPT, GPTConfig
+
     shape = GPTConfig.preset(preset)
     save_model(path, GPT(shape, rngs=nnx.Rngs(0)), Config(model=shape))
     return path
 
 
 def start(run: Path, max_batch: int, queue_len: int):
-    proc = subprocess.Popen([sys.executable, "-m", "fgpt_jax.serve", "--run", str(run), "--port", "0",
-                             "--max-batch", str(max_batch), "--max-queue", str(queue_len), "--model-name", "bench"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fgpt_jax.serve",
+            "--run",
+            str(run),
+            "--port",
+            "0",
+            "--max-batch",
+            str(max_batch),
+            "--max-queue",
+            str(queue_len),
+            "--model-name",
+            "bench",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     line = proc.stdout.readline()
     if not line.startswith("serving "):
         proc.kill()
@@ -53,8 +71,14 @@ def one(client, prompt: str, max_tokens: int) -> tuple[int, float]:
     """(completion tokens, seconds to the first text) of one streamed greedy completion."""
     t0 = time.perf_counter()
     first, tokens = None, 0
-    for chunk in client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                           stream=True, stream_options={"include_usage": True}):
+    for chunk in client.completions.create(
+        model="bench",
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         if chunk.choices and chunk.choices[0].text and first is None:
             first = time.perf_counter() - t0
         if chunk.usage is not None:
@@ -77,6 +101,7 @@ def run_round(client, prompts: list[str], max_tokens: int, clients: int) -> tupl
             r = one(client, p, max_tokens)
             with lock:
                 results.append(r)
+
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     for t in threads:
@@ -91,6 +116,7 @@ def engine_rounds(run: Path, prompts: list[str], args) -> None:
     from fgpt_jax.checkpoint import load_model
     from fgpt_jax.inference.engine import Engine, SamplingParams
     from fgpt_jax.tokenizer import get_tokenizer
+
     model, _ = load_model(run)
     ids = [get_tokenizer().encode(p) for p in prompts]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
@@ -103,7 +129,7 @@ def engine_rounds(run: Path, prompts: list[str], args) -> None:
         for c in args.clients:
             t0, tokens = time.perf_counter(), 0
             for start in range(0, len(ids), c):  # c requests at a time, as c clients would keep the engine busy
-                reqs = [eng.submit(p, params) for p in ids[start:start + c]]
+                reqs = [eng.submit(p, params) for p in ids[start : start + c]]
                 for r in reqs:
                     r.finished.wait()
                     tokens += r.generated
@@ -123,28 +149,37 @@ def main():
     p.add_argument("--engine", action="store_true", help="also time the engine alone, without HTTP")
     args = p.parse_args()
     from fgpt_jax.cli import quiet_libraries
+
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or make_run(Path(tmp) / "run", args.preset)
         names = ["First Citizen", "KING RICHARD", "ROMEO", "JULIET", "MENENIUS", "Nurse", "HAMLET", "LUCIO"]
-        prompts = [f"{names[i % len(names)]}: Before we proceed any further, hear me speak. ({i})"
-                   for i in range(args.requests)]
+        prompts = [
+            f"{names[i % len(names)]}: Before we proceed any further, hear me speak. ({i})"
+            for i in range(args.requests)
+        ]
         proc, url = start(run, args.max_batch, args.requests)
         try:
             client = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=600)
-            run_round(client, prompts[:max(args.clients)], args.max_tokens, max(args.clients))  # warm-up
+            run_round(client, prompts[: max(args.clients)], args.max_tokens, max(args.clients))  # warm-up
             import jax
-            print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, server --max-batch {args.max_batch}, "
-                  f"{args.requests} streamed greedy completions of {args.max_tokens} tokens, "
-                  f"{'run ' + str(args.run) if args.run else 'random-init ' + args.preset + ' preset'}")
+
+            print(
+                f"jax {jax.__version__}, {jax.devices()[0].device_kind}, server --max-batch {args.max_batch}, "
+                f"{args.requests} streamed greedy completions of {args.max_tokens} tokens, "
+                f"{'run ' + str(args.run) if args.run else 'random-init ' + args.preset + ' preset'}"
+            )
             print("| clients | tokens | wall s | aggregate tok/s | speed-up | mean time to first token s |")
             print("|---:|---:|---:|---:|---:|---:|")
             base = None
             for c in args.clients:
                 tokens, wall, ttft = run_round(client, prompts, args.max_tokens, c)
                 base = base or tokens / wall
-                print(f"| {c} | {tokens} | {wall:.2f} | {tokens / wall:,.0f} | {tokens / wall / base:.2f}x "
-                      f"| {ttft:.3f} |", flush=True)
+                print(
+                    f"| {c} | {tokens} | {wall:.2f} | {tokens / wall:,.0f} | {tokens / wall / base:.2f}x "
+                    f"| {ttft:.3f} |",
+                    flush=True,
+                )
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(60)

@@ -47,15 +47,38 @@ from fgpt_jax.metrics import mfu, peak_flops
 from fgpt_jax.train.step import build_setup
 
 VARIANTS = {
-    "base": [], "xla": ["model.attention=xla"], "cudnn": ["model.attention=cudnn"],
-    "remat": ["model.remat=true"], "adamw": ["optim.name=adamw"], "muon": ["optim.name=muon"],
-    "fp32": ["model.dtype=float32"], "bf16": ["model.dtype=bfloat16"],
-    "chunked": ["model.loss_chunk=128"], "scan": ["model.scan_layers=true"],
-    "pad56": ["model.attention_pad=8"], "pad64": ["model.attention_pad=64"],
+    "base": [],
+    "xla": ["model.attention=xla"],
+    "cudnn": ["model.attention=cudnn"],
+    "remat": ["model.remat=true"],
+    "adamw": ["optim.name=adamw"],
+    "muon": ["optim.name=muon"],
+    "fp32": ["model.dtype=float32"],
+    "bf16": ["model.dtype=bfloat16"],
+    "chunked": ["model.loss_chunk=128"],
+    "scan": ["model.scan_layers=true"],
+    "pad56": ["model.attention_pad=8"],
+    "pad64": ["model.attention_pad=64"],
     "ns_bf16": ["optim.ns_dtype=bfloat16"],
 }
-COLUMNS = ["variant", "micro-batch", "accum", "dtype", "attention", "remat", "scan", "loss chunk", "pad",
-           "optimizer", "compile s", "step ms", "tokens/s", "MFU", "XLA GB", "peak GB"]
+COLUMNS = [
+    "variant",
+    "micro-batch",
+    "accum",
+    "dtype",
+    "attention",
+    "remat",
+    "scan",
+    "loss chunk",
+    "pad",
+    "optimizer",
+    "compile s",
+    "step ms",
+    "tokens/s",
+    "MFU",
+    "XLA GB",
+    "peak GB",
+]
 
 
 def variant_overrides(name: str) -> list[str]:
@@ -63,8 +86,10 @@ def variant_overrides(name: str) -> list[str]:
     parts = name.split("+")
     unknown = [p for p in parts if p not in VARIANTS]
     if unknown or not name:
-        raise ValueError(f"--variant {name}: unknown {unknown[0] if unknown else 'empty name'!r}; "
-                         f"choose from {', '.join(VARIANTS)} (join several with '+')")
+        raise ValueError(
+            f"--variant {name}: unknown {unknown[0] if unknown else 'empty name'!r}; "
+            f"choose from {', '.join(VARIANTS)} (join several with '+')"
+        )
     return [o for p in parts for o in VARIANTS[p]]
 
 
@@ -108,19 +133,41 @@ def bench_one(cfg, steps: int, warmup: int, mesh) -> dict:
     elapsed = time.perf_counter() - start
     tok_s = steps * t.batch_size * T / elapsed
     util = mfu(tok_s, cfg.model.flops_per_token(T), mesh.size, peak_flops())
-    return {"compile_s": compile_s, "step_ms": 1000 * elapsed / steps, "tokens_per_sec": tok_s, "mfu": util,
-            "loss": loss, "xla_gb": program_memory_gb(compiled), "peak_mem_gb": peak_memory_gb(jax.devices()[0])}
+    return {
+        "compile_s": compile_s,
+        "step_ms": 1000 * elapsed / steps,
+        "tokens_per_sec": tok_s,
+        "mfu": util,
+        "loss": loss,
+        "xla_gb": program_memory_gb(compiled),
+        "peak_mem_gb": peak_memory_gb(jax.devices()[0]),
+    }
 
 
 def _row_cells(row: dict) -> list[str]:
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-    head = [row["variant"], str(row["micro_batch"]), str(row["grad_accum"]), row.get("dtype", ""),
-            row.get("attention", ""), str(row.get("remat", "")), str(row.get("scan_layers", "")),
-            str(row.get("loss_chunk", "")), str(row.get("attention_pad", "")), row.get("optimizer", "")]
+    head = [
+        row["variant"],
+        str(row["micro_batch"]),
+        str(row["grad_accum"]),
+        row.get("dtype", ""),
+        row.get("attention", ""),
+        str(row.get("remat", "")),
+        str(row.get("scan_layers", "")),
+        str(row.get("loss_chunk", "")),
+        str(row.get("attention_pad", "")),
+        row.get("optimizer", ""),
+    ]
     if "error" in row or "skipped" in row:
         return head + [row.get("error") or f"skipped: {row['skipped']}"] + [""] * 5
-    return head + [f"{row['compile_s']:.1f}", f"{row['step_ms']:.1f}", f"{row['tokens_per_sec']:,.0f}",
-                   fmt(row["mfu"], ".1%"), fmt(row["xla_gb"], ".2f"), fmt(row["peak_mem_gb"], ".1f")]
+    return head + [
+        f"{row['compile_s']:.1f}",
+        f"{row['step_ms']:.1f}",
+        f"{row['tokens_per_sec']:,.0f}",
+        fmt(row["mfu"], ".1%"),
+        fmt(row["xla_gb"], ".2f"),
+        fmt(row["peak_mem_gb"], ".1f"),
+    ]
 
 
 def markdown_row(row: dict) -> str:
@@ -142,15 +189,27 @@ def _write_json(path: str, header: dict, rows: list[dict]) -> None:
 
 
 def _parser() -> cli.Parser:
-    p = cli.Parser(prog="python scripts/bench_train.py", description=__doc__.splitlines()[0],
-                   epilog="Config: --config PRESET_OR_FILE (default gpt2_124m) and --config.a.b=VALUE overrides.")
-    p.add_argument("--micro-batch", type=cli.positive_int, nargs="+",
-                   help="sequences per micro-batch (global); default: the config's")
+    p = cli.Parser(
+        prog="python scripts/bench_train.py",
+        description=__doc__.splitlines()[0],
+        epilog="Config: --config PRESET_OR_FILE (default gpt2_124m) and --config.a.b=VALUE overrides.",
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=cli.positive_int,
+        nargs="+",
+        help="sequences per micro-batch (global); default: the config's",
+    )
     p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per step (default 1)")
     p.add_argument("--steps", type=cli.positive_int, default=20, help="timed steps (default 20)")
     p.add_argument("--warmup", type=cli.int_in(0), default=3, help="untimed steps after compiling (default 3)")
-    p.add_argument("--variant", nargs="+", default=["base"], metavar="NAME",
-                   help=f"variants, '+' joins several (default base): {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--variant",
+        nargs="+",
+        default=["base"],
+        metavar="NAME",
+        help=f"variants, '+' joins several (default base): {', '.join(VARIANTS)}",
+    )
     p.add_argument("--json", metavar="FILE", help="write the rows to this file (after every row)")
     return p
 
@@ -174,30 +233,52 @@ def main(argv=None) -> int:
         mesh = shd.make_mesh()
         dev = jax.devices()[0]
         T = base.train.seq_len or base.model.block_size
-        header = {"device": dev.device_kind, "platform": dev.platform, "devices": mesh.size, "jax": jax.__version__,
-                  "config": base.name, "params": base.model.num_params(), "seq_len": T,
-                  "flops_per_token": base.model.flops_per_token(T), "peak_flops": peak_flops(), "steps": args.steps,
-                  "warmup": args.warmup, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                  "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""),
-                  "optimization_level": str(getattr(jax.config, "jax_optimization_level", "n/a"))}
-        print(f"jax {jax.__version__}, {mesh.size} x {dev.device_kind}, config {base.name} "
-              f"({base.model.num_params() / 1e6:.1f}M params), T={T}, {args.steps} timed steps after "
-              f"{args.warmup} warm-up; MFU: PaLM FLOPs/token {base.model.flops_per_token(T) / 1e6:.0f}M over "
-              f"{'n/a' if peak_flops() is None else f'{peak_flops() / 1e12:.0f} TFLOP/s'} per device")
+        header = {
+            "device": dev.device_kind,
+            "platform": dev.platform,
+            "devices": mesh.size,
+            "jax": jax.__version__,
+            "config": base.name,
+            "params": base.model.num_params(),
+            "seq_len": T,
+            "flops_per_token": base.model.flops_per_token(T),
+            "peak_flops": peak_flops(),
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""),
+            "optimization_level": str(getattr(jax.config, "jax_optimization_level", "n/a")),
+        }
+        print(
+            f"jax {jax.__version__}, {mesh.size} x {dev.device_kind}, config {base.name} "
+            f"({base.model.num_params() / 1e6:.1f}M params), T={T}, {args.steps} timed steps after "
+            f"{args.warmup} warm-up; MFU: PaLM FLOPs/token {base.model.flops_per_token(T) / 1e6:.0f}M over "
+            f"{'n/a' if peak_flops() is None else f'{peak_flops() / 1e12:.0f} TFLOP/s'} per device"
+        )
         print(table_header(), flush=True)
         rows = []
         for variant in args.variant:
             for micro in args.micro_batch or [base.train.batch_size // base.train.grad_accum]:
                 row = {"variant": variant, "micro_batch": micro, "grad_accum": args.grad_accum}
                 try:
-                    cfg = apply_overrides(base, variant_overrides(variant) + [
-                        f"train.batch_size={micro * args.grad_accum}", f"train.grad_accum={args.grad_accum}"])
+                    cfg = apply_overrides(
+                        base,
+                        variant_overrides(variant)
+                        + [f"train.batch_size={micro * args.grad_accum}", f"train.grad_accum={args.grad_accum}"],
+                    )
                 except ConfigError as e:  # e.g. optim.ns_dtype before the optimizer has it
                     row["skipped"] = cli.one_line(e).split(";")[0]
                 else:
                     m = cfg.model
-                    row.update(dtype=m.dtype, attention=m.attention, remat=m.remat, scan_layers=m.scan_layers,
-                               loss_chunk=m.loss_chunk, attention_pad=m.attention_pad, optimizer=cfg.optim.name)
+                    row.update(
+                        dtype=m.dtype,
+                        attention=m.attention,
+                        remat=m.remat,
+                        scan_layers=m.scan_layers,
+                        loss_chunk=m.loss_chunk,
+                        attention_pad=m.attention_pad,
+                        optimizer=cfg.optim.name,
+                    )
                     try:
                         row.update(bench_one(cfg, args.steps, args.warmup, mesh))
                     except Exception as e:  # e.g. out of memory at a large micro-batch: report it, go on

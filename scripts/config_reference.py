@@ -4,12 +4,13 @@
     python scripts/config_reference.py --check    # exit 1 if docs/configs.md is not what this generates
     python scripts/config_reference.py --stdout   # print the page instead
 
-The source of truth is the `# comment` after each field of GPTConfig (fgpt_jax/model.py), DataConfig
-(fgpt_jax/data/__init__.py), OptimConfig (fgpt_jax/optim.py), TrainConfig, DPOConfig and Config
-(fgpt_jax/config.py). The files are parsed with `ast` and `tokenize`, not imported: no jax is loaded,
-and the default is shown as written in the source (`6e-4`, not `0.0006`). A field without a comment
-is an error, so a new key cannot reach the page undocumented. tests/test_docs.py fails when the page
-is stale, and checks the parsed fields against the dataclasses at run time.
+The source of truth is the `# comment` after each field (continued on the comment-only lines
+right below it) of GPTConfig (fgpt_jax/model.py), DataConfig (fgpt_jax/data/__init__.py), OptimConfig
+(fgpt_jax/optim.py), TrainConfig, DPOConfig and Config (fgpt_jax/config.py). The files are parsed with
+`ast` and `tokenize`, not imported: no jax is loaded, and the default is shown as written in the source
+(`6e-4`, not `0.0006`). A field without a comment is an error, so a new key cannot reach the page
+undocumented. tests/test_docs.py fails when the page is stale, and checks the parsed fields against the
+dataclasses at run time.
 """
 
 from __future__ import annotations
@@ -92,11 +93,24 @@ def parse_class(name: str, root: Path = ROOT) -> tuple[str, list[Field]]:
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
             continue
         comment = comments.get(stmt.end_lineno, "")
+        # A long comment continues on comment-only lines right below the field (the formatter's 120 columns).
+        lines, nxt = source.splitlines(), stmt.end_lineno + 1
+        while comment and nxt <= len(lines) and lines[nxt - 1].strip().startswith("#"):
+            comment, nxt = f"{comment} {comments[nxt]}", nxt + 1
         if not comment:
-            raise SystemExit(f"error: {SOURCES[name]}:{stmt.lineno}: {name}.{stmt.target.id} has no `# comment` "
-                             f"after it; every config field documents itself there")
-        fields.append(Field(stmt.target.id, ast.get_source_segment(source, stmt.annotation),
-                            _default(stmt.value, source), comment, _group_of(stmt.annotation)))
+            raise SystemExit(
+                f"error: {SOURCES[name]}:{stmt.lineno}: {name}.{stmt.target.id} has no `# comment` "
+                f"after it; every config field documents itself there"
+            )
+        fields.append(
+            Field(
+                stmt.target.id,
+                ast.get_source_segment(source, stmt.annotation),
+                _default(stmt.value, source),
+                comment,
+                _group_of(stmt.annotation),
+            )
+        )
     return doc, fields
 
 
@@ -119,7 +133,7 @@ def _cell(text: str) -> str:
 
 def _type(annotation: str) -> str:
     if annotation.startswith("Literal["):
-        choices = ast.literal_eval("(" + annotation[len("Literal["):-1] + ",)")
+        choices = ast.literal_eval("(" + annotation[len("Literal[") : -1] + ",)")
         return " \\| ".join(f"`{c}`" for c in choices)
     return f"`{_cell(annotation)}`"
 
@@ -160,9 +174,14 @@ def render(root: Path = ROOT) -> str:
         if not f.group:
             continue
         doc, fields = parse_class(f.group, root)
-        out += ["", f"## `{f.name}`: {f.group} (`{SOURCES[f.group]}`)", "",
-                f"{doc} `Config.{f.name}`: {f.comment} (default `{f.default}`).", "",
-                *_table(f"{f.name}.", fields)]
+        out += [
+            "",
+            f"## `{f.name}`: {f.group} (`{SOURCES[f.group]}`)",
+            "",
+            f"{doc} `Config.{f.name}`: {f.comment} (default `{f.default}`).",
+            "",
+            *_table(f"{f.name}.", fields),
+        ]
     return "\n".join(out) + "\n"
 
 

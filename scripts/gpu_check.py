@@ -43,8 +43,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # fgpt_jax.cli only: this process imports nothing that starts a device
-from fgpt_jax import cli  # noqa: E402
 from gpu_sections import FLAG_SETS, MODELS, SMOKE_MODEL, run_sections  # noqa: E402  (scripts/, beside this file)
+
+from fgpt_jax import cli  # noqa: E402
 
 SECTIONS = ("env", "throughput", "peer", "numerics", "run", "optim", "variants", "flags")  # the order they run in
 PLANS = {  # one device call each (10 minutes at most), in order of importance; together the whole check
@@ -84,8 +85,7 @@ class Check:
         shutil.rmtree(src, ignore_errors=True)
         os.replace(tmp, src)
         path = os.pathsep.join([str(src)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1",
-               "FGPT_JAX_CACHE": str(self.work / "cache")}
+        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "FGPT_JAX_CACHE": str(self.work / "cache")}
         if self.smoke:
             env.setdefault("JAX_PLATFORMS", "cpu")
         return env
@@ -101,8 +101,15 @@ class Check:
         self.log.write(f"\n===== {name}: {' '.join(cmd)}\n" + "".join(f"  {k}={v}\n" for k, v in (env or {}).items()))
         self.log.flush()
         t0 = time.monotonic()
-        p = subprocess.Popen(cmd, cwd=self.work, env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        p = subprocess.Popen(
+            cmd,
+            cwd=self.work,
+            env={**self.env, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
             out, _ = p.communicate(timeout=max(self.left() - 5, 1))
             rc = p.returncode
@@ -140,8 +147,23 @@ class Check:
         config, *_ = MODELS[model]
         steps = ["--steps", "1", "--warmup", "0"] if self.smoke else ["--steps", str(self.args.steps), "--warmup", "2"]
         overrides = [f"--config.{o}" for o in SMOKE_MODEL[model]] if self.smoke else []
-        r = self.python(name, [str(ROOT / "scripts" / "bench_train.py"), "--config", config, *overrides, "--variant",
-                               *variants, "--micro-batch", *map(str, micro), *steps, "--json", str(path)], env)
+        r = self.python(
+            name,
+            [
+                str(ROOT / "scripts" / "bench_train.py"),
+                "--config",
+                config,
+                *overrides,
+                "--variant",
+                *variants,
+                "--micro-batch",
+                *map(str, micro),
+                *steps,
+                "--json",
+                str(path),
+            ],
+            env,
+        )
         result = json.loads(path.read_text()) if path.exists() else {"rows": []}
         return result, self.failed(r)
 
@@ -152,16 +174,23 @@ class Check:
 
     def write(self) -> None:
         a = self.args
-        head = [f"# fgpt-jax GPU check{' (smoke: tiny shapes)' if self.smoke else ''}", "",
-                f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Host: {platform.node()}. "
-                f"Command: `{' '.join(sys.argv)}`. Sections: {', '.join(a.sections)}; models: {', '.join(a.models)}; "
-                f"budget {a.budget} s, {a.budget - max(self.left(), 0):.0f} s used.", ""]
+        head = [
+            f"# fgpt-jax GPU check{' (smoke: tiny shapes)' if self.smoke else ''}",
+            "",
+            f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Host: {platform.node()}. "
+            f"Command: `{' '.join(sys.argv)}`. Sections: {', '.join(a.sections)}; models: {', '.join(a.models)}; "
+            f"budget {a.budget} s, {a.budget - max(self.left(), 0):.0f} s used.",
+            "",
+        ]
         body = [ln for title, lines in self.sections for ln in (f"## {title}", "", *lines, "")]
-        for suffix, text in (("md", "\n".join(head + body) + "\n"),
-                             ("json", json.dumps({"args": vars(a), "sections": self.data}, indent=1, default=str))):
+        for suffix, text in (
+            ("md", "\n".join(head + body) + "\n"),
+            ("json", json.dumps({"args": vars(a), "sections": self.data}, indent=1, default=str)),
+        ):
             tmp = self.out / f"{a.name}.{suffix}.tmp"
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, self.out / f"{a.name}.{suffix}")
+
 
 def _names(choices, what: str):
     def parse(text: str) -> list[str]:
@@ -169,38 +198,58 @@ def _names(choices, what: str):
         bad = [n for n in names if n not in choices]
         if bad or not names:
             raise argparse.ArgumentTypeError(
-                f"expected {what} from {', '.join(choices)} (comma-separated), got {text!r}")
+                f"expected {what} from {', '.join(choices)} (comma-separated), got {text!r}"
+            )
         return names
+
     parse.__name__ = what
     return parse
 
 
 def parser() -> cli.Parser:
-    p = cli.Parser(prog="python scripts/gpu_check.py", description=__doc__.split("\n\n")[0],
-                   epilog="Plans (one device call each): " + "; ".join(
-                       f"{k}: {','.join(s)} for {','.join(m)}" for k, (s, m) in PLANS.items())
-                   + ". docs/gpu.md says how.")
+    p = cli.Parser(
+        prog="python scripts/gpu_check.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="Plans (one device call each): "
+        + "; ".join(f"{k}: {','.join(s)} for {','.join(m)}" for k, (s, m) in PLANS.items())
+        + ". docs/gpu.md says how.",
+    )
     p.add_argument("--plan", choices=sorted(PLANS), help="a preset of --sections and --models for one device call")
     p.add_argument("--sections", type=_names(SECTIONS, "sections"), help=f"default: all ({','.join(SECTIONS)})")
     p.add_argument("--models", type=_names(list(MODELS), "models"), help="for throughput/peer/variants (default both)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (the test's mode)")
     p.add_argument("--out", required=True, metavar="DIR", help="where NAME.md, NAME.json and NAME.log are written")
     p.add_argument("--name", default=None, help="file name stem (default gpu_check, or plan<N>)")
-    p.add_argument("--budget", type=cli.int_in(30), default=540, metavar="S",
-                   help="seconds for the whole call (default 540: a device call allows 600)")
-    p.add_argument("--workdir", default="/tmp/fgpt_gpu_check",
-                   help="staged sources, shards, runs (default %(default)s)")
+    p.add_argument(
+        "--budget",
+        type=cli.int_in(30),
+        default=540,
+        metavar="S",
+        help="seconds for the whole call (default 540: a device call allows 600)",
+    )
+    p.add_argument(
+        "--workdir", default="/tmp/fgpt_gpu_check", help="staged sources, shards, runs (default %(default)s)"
+    )
     p.add_argument("--assets", default=str(ROOT / ".gpu"), help="what fetch_gpu_wheels.sh copied (default .gpu/)")
     p.add_argument("--steps", type=cli.positive_int, default=10, help="timed steps per throughput row (default 10)")
-    p.add_argument("--micro-batches", type=cli.positive_int, nargs="+", metavar="N",
-                   help="throughput/peer micro-batches for every model selected (default: gpt2 16 32 64, fgpt 8 16 32)")
+    p.add_argument(
+        "--micro-batches",
+        type=cli.positive_int,
+        nargs="+",
+        metavar="N",
+        help="throughput/peer micro-batches for every model selected (default: gpt2 16 32 64, fgpt 8 16 32)",
+    )
     p.add_argument("--flag-sets", type=_names(list(FLAG_SETS), "flag sets"), help=f"default: {','.join(FLAG_SETS)}")
     p.add_argument("--books", nargs="+", metavar="FILE", help="text files for the run (default .gpu/gutenberg/*.txt)")
     p.add_argument("--hellaswag", type=Path, metavar="FILE", help="default .gpu/hellaswag_val_full.txt.bz2")
     p.add_argument("--hellaswag-batch", type=cli.positive_int, default=64, help="items per HellaSwag call (default 64)")
     p.add_argument("--run-steps", type=cli.positive_int, default=300, help="steps of the real run (default 300)")
-    p.add_argument("--optim-steps", type=cli.positive_int, default=200,
-                   help="steps of each Muon/AdamW run of the optim section (default 200)")
+    p.add_argument(
+        "--optim-steps",
+        type=cli.positive_int,
+        default=200,
+        help="steps of each Muon/AdamW run of the optim section (default 200)",
+    )
     return p
 
 

@@ -40,17 +40,21 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tok():
     from fgpt_jax.tokenizer import get_tokenizer
+
     return get_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_config():
     from fgpt_jax.model import GPTConfig
+
     return GPTConfig.preset("tiny", block_size=32)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_config):
     from flax import nnx
+
     from fgpt_jax.model import GPT
+
     return GPT(tiny_config, rngs=nnx.Rngs(0))

@@ -6,19 +6,43 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--config", "tiny", "--config.model.n_layer=1", "--config.model.n_embd=64", "--config.model.n_head=2",
-        "--config.model.block_size=32"]
+TINY = [
+    "--config",
+    "tiny",
+    "--config.model.n_layer=1",
+    "--config.model.n_embd=64",
+    "--config.model.n_head=2",
+    "--config.model.block_size=32",
+]
 
 
 def _bench(*args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_bench_train_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    r = _bench(*TINY, "--micro-batch", "2", "--steps", "2", "--warmup", "1",
-               "--variant", "adamw", "chunked+scan+remat", "ns_bf16", "--json", str(out))
+    r = _bench(
+        *TINY,
+        "--micro-batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--variant",
+        "adamw",
+        "chunked+scan+remat",
+        "ns_bf16",
+        "--json",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = result["rows"]
@@ -33,6 +57,7 @@ def test_bench_train_on_cpu(tmp_path):
     # Newton-Schulz in bf16 needs optim.ns_dtype, which the optimizer's maintainer adds: skipped until then.
     try:
         from fgpt_jax.optim import OptimConfig
+
         has_ns_dtype = hasattr(OptimConfig(), "ns_dtype")
     except ImportError:
         has_ns_dtype = False
@@ -48,4 +73,5 @@ def test_bench_train_bad_variant_one_line():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: --variant scan+turbo: unknown 'turbo'; choose from base, xla, cudnn, remat, adamw, muon, fp32, "
-        "bf16, chunked, scan, pad56, pad64, ns_bf16 (join several with '+')"]
+        "bf16, chunked, scan, pad56, pad64, ns_bf16 (join several with '+')"
+    ]

@@ -106,7 +106,10 @@ def test_restore_into_other_shape_names_parameters(tmp_path):
     with pytest.raises(CheckpointError) as e:
         ck.restore(1, _abstract(wider))
     msg = str(e.value)
-    assert "does not fit this model config" in msg and "h/0/attn/c_attn/kernel: checkpoint (32, 96) vs model (64, 192)" in msg
+    assert (
+        "does not fit this model config" in msg
+        and "h/0/attn/c_attn/kernel: checkpoint (32, 96) vs model (64, 192)" in msg
+    )
     deeper = _state(GPTConfig.preset("tiny", n_layer=2, n_embd=32, n_head=2, block_size=16, vocab_size=512))
     with pytest.raises(CheckpointError, match="h/1/.*checkpoint missing vs model"):
         ck.restore(1, _abstract(deeper))
@@ -145,5 +148,6 @@ def test_readers_leave_a_save_in_progress_alone(tmp_path):
     in_flight.mkdir()
     load_model(tmp_path)
     from fgpt_jax.rundir import RunDir
+
     assert RunDir(tmp_path).checkpoint_steps() == [1]
     assert in_flight.is_dir()

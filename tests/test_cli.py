@@ -26,8 +26,9 @@ CHATTER = re.compile(r"^(WARNING|INFO|W\d{4}|I\d{4})|WARNING:|INFO:|UserWarning|
 
 
 def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", *map(str, args)], input=stdin, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", *map(str, args)], input=stdin, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     model = GPT(MODEL, rngs=nnx.Rngs(0))
     base = save_model(root / "tiny", model, Config(name="tiny", model=MODEL), step=3)
-    chat = save_model(root / "sft", model, Config(name="sft", model=MODEL, data=DataConfig(
-        format="chat", path=str(DATA / "instruction-examples.json"))), step=5)
+    chat = save_model(
+        root / "sft",
+        model,
+        Config(name="sft", model=MODEL, data=DataConfig(format="chat", path=str(DATA / "instruction-examples.json"))),
+        step=5,
+    )
     return base, chat
 
 
@@ -58,8 +63,19 @@ def test_generate_top_k_past_the_vocabulary_and_an_empty_prompt(runs):
     """--top-k 100000 was a JAX shape error (it now keeps every token); an empty prompt (no token)
     was refused (it now starts a new document)."""
     base, _ = runs
-    r = cli("fgpt_jax.generate", "--run", base, "--prompt", "", "--top-k", "100000", "--max-new-tokens", "4",
-            "--num-samples", "2")
+    r = cli(
+        "fgpt_jax.generate",
+        "--run",
+        base,
+        "--prompt",
+        "",
+        "--top-k",
+        "100000",
+        "--max-new-tokens",
+        "4",
+        "--num-samples",
+        "2",
+    )
     assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
     assert [json.loads(line)["sample"] for line in r.stdout.splitlines()] == [0, 1]
 
@@ -70,7 +86,8 @@ def test_chat_on_a_pretrained_run_says_so_once(runs):
     assert r.returncode == 0 and r.stdout.endswith("\n")
     assert r.stderr.splitlines() == [
         f"note: {base} was not instruction-tuned (data.format 'tokens'): answers will be text continuations; "
-        f"fine-tune it first with python -m fgpt_jax.train --config sft --config.init_from={base}"]
+        f"fine-tune it first with python -m fgpt_jax.train --config sft --config.init_from={base}"
+    ]
     # An instruction-tuned run: no note; the chat default (256 new tokens) on a 128-token context works.
     r = cli("fgpt_jax.chat", "--run", chat, stdin="Who are you?\n")
     assert r.returncode == 0 and r.stderr == "" and r.stdout.endswith("\n"), r.stderr[-3000:]
@@ -80,10 +97,11 @@ def test_eval_and_export_print_no_library_chatter(runs, tmp_path):
     """orbax/absl warnings ("Given directory is read only", "setting save_interval_steps=0") used to
     appear on every command that reads a checkpoint; a user reads them as errors."""
     base, _ = runs
-    for args in (["fgpt_jax.eval", "val", "--run", base, "--max-tokens", "512"],
-                 ["fgpt_jax.eval", "hellaswag", "--run", base, "--data", DATA / "hellaswag_val_200.txt", "--limit",
-                  "4"],
-                 ["fgpt_jax.hf", "export", "--run", base, "--out", tmp_path / "hf"]):
+    for args in (
+        ["fgpt_jax.eval", "val", "--run", base, "--max-tokens", "512"],
+        ["fgpt_jax.eval", "hellaswag", "--run", base, "--data", DATA / "hellaswag_val_200.txt", "--limit", "4"],
+        ["fgpt_jax.hf", "export", "--run", base, "--out", tmp_path / "hf"],
+    ):
         r = cli(*args)
         assert r.returncode == 0, r.stderr[-3000:]
         assert quiet(r.stderr) == [] and r.stderr == "", (args[0], r.stderr[-3000:])
@@ -116,8 +134,10 @@ BAD = [
     (["fgpt_jax.eval", "hellaswag", "--limit", "1e9"], "argument --limit: expected an integer, got '1e9'"),
     # hf
     (["fgpt_jax.hf", "export", "--out", "x", "--step", "nan"], "argument --step: expected an integer, got 'nan'"),
-    (["fgpt_jax.hf", "export", "--out", "x", "--vocab-size", "100"],
-     "argument --vocab-size: expected an integer in [50257, 50304]"),
+    (
+        ["fgpt_jax.hf", "export", "--out", "x", "--vocab-size", "100"],
+        "argument --vocab-size: expected an integer in [50257, 50304]",
+    ),
 ]
 
 
@@ -140,8 +160,9 @@ def test_plot_bad_out_exits_2_with_one_line(tmp_path):
     assert r.stderr.startswith(f"error: --out {tmp_path / 'curves.xyz'}: unknown image extension '.xyz'")
 
 
-@pytest.mark.parametrize("module", ["fgpt_jax.generate", "fgpt_jax.chat", "fgpt_jax.eval", "fgpt_jax.hf",
-                                    "fgpt_jax.plot"])
+@pytest.mark.parametrize(
+    "module", ["fgpt_jax.generate", "fgpt_jax.chat", "fgpt_jax.eval", "fgpt_jax.hf", "fgpt_jax.plot"]
+)
 def test_help(module):
     r = cli(module, "--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m ") and r.stderr == ""

@@ -3,8 +3,18 @@ import json
 
 import pytest
 
-from fgpt_jax.config import (Config, ConfigError, apply_overrides, from_json, list_presets, load_config,
-                             load_run_config, parse_config_args, save_config, to_json)
+from fgpt_jax.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_json,
+    list_presets,
+    load_config,
+    load_run_config,
+    parse_config_args,
+    save_config,
+    to_json,
+)
 
 PRESET_FILES = ["tiny", "gpt2_124m", "gpt2_350m", "gpt2_774m", "gpt2_1558m", "fgpt"]
 
@@ -29,10 +39,19 @@ def test_preset_by_path_and_dash_alias():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = apply_overrides(load_config("tiny"), [
-        "model.n_layer=2", "model.dtype=bfloat16", "model.bias=false", "model.remat=true",
-        "seed=7", "data.path=/tmp/shards", "model.attention=xla", "model.block_size=1_024",
-    ])
+    cfg = apply_overrides(
+        load_config("tiny"),
+        [
+            "model.n_layer=2",
+            "model.dtype=bfloat16",
+            "model.bias=false",
+            "model.remat=true",
+            "seed=7",
+            "data.path=/tmp/shards",
+            "model.attention=xla",
+            "model.block_size=1_024",
+        ],
+    )
     m = cfg.model
     assert (m.n_layer, m.dtype, m.bias, m.remat, m.attention, m.block_size) == (2, "bfloat16", False, True, "xla", 1024)
     assert cfg.seed == 7 and cfg.data.path == "/tmp/shards"
@@ -58,14 +77,17 @@ def test_unknown_key_lists_valid_keys():
         apply_overrides(load_config("tiny"), ["model=3"])
 
 
-@pytest.mark.parametrize("override,err", [
-    ("model.n_layer=four", "expected an integer"),
-    ("model.n_layer=2.5", "expected an integer"),
-    ("model.bias=maybe", "expected a boolean"),
-    ("model.attention=flash", "expected one of auto, xla, cudnn"),
-    ("model.n_embd=130", "divisible"),  # the model's own validation, surfaced as a ConfigError
-    ("model.n_layer", "expected --config.KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "override,err",
+    [
+        ("model.n_layer=four", "expected an integer"),
+        ("model.n_layer=2.5", "expected an integer"),
+        ("model.bias=maybe", "expected a boolean"),
+        ("model.attention=flash", "expected one of auto, xla, cudnn"),
+        ("model.n_embd=130", "divisible"),  # the model's own validation, surfaced as a ConfigError
+        ("model.n_layer", "expected --config.KEY=VALUE"),
+    ],
+)
 def test_bad_values(override, err):
     with pytest.raises(ConfigError, match=err):
         apply_overrides(load_config("tiny"), [override])
@@ -104,8 +126,9 @@ def test_save_and_load_run_config(tmp_path):
 
 
 def test_parse_config_args_both_forms():
-    cfg, rest = parse_config_args(["--config", "gpt2_124m", "--config.model.n_layer=3", "--workdir", "x",
-                                   "--config.seed", "5", "--resume"])
+    cfg, rest = parse_config_args(
+        ["--config", "gpt2_124m", "--config.model.n_layer=3", "--workdir", "x", "--config.seed", "5", "--resume"]
+    )
     assert cfg.name == "gpt2_124m" and cfg.model.n_layer == 3 and cfg.seed == 5
     assert rest == ["--workdir", "x", "--resume"]
     cfg, rest = parse_config_args([])
@@ -133,7 +156,8 @@ def test_custom_config_file(tmp_path):
     f = tmp_path / "mine.py"
     f.write_text(
         "from fgpt_jax.config import Config\nfrom fgpt_jax.model import GPTConfig\n"
-        "def get_config():\n    return Config(name='mine', model=GPTConfig.preset('tiny', n_layer=2))\n")
+        "def get_config():\n    return Config(name='mine', model=GPTConfig.preset('tiny', n_layer=2))\n"
+    )
     cfg = load_config(str(f))
     assert cfg.name == "mine" and cfg.model.n_layer == 2
     assert dataclasses.replace(cfg, seed=1).seed == 1

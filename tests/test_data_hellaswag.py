@@ -13,17 +13,36 @@ from fgpt_jax.data.hellaswag import HellaSwagError, load_examples, preprocess
 DATA = Path(__file__).parent / "data" / "hellaswag_val_200.txt"
 
 # The first validation item in the original schema (ActivityNet: its text is untouched by preprocessing).
-FIRST = {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
-         "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
-         "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                     "is holding a rubik's cube.", "starts pulling up roofing on a roof."],
-         "source_id": "activitynet~v_-JhWjGDPHMY"}
+FIRST = {
+    "ind": 24,
+    "activity_label": "Roof shingle removal",
+    "ctx_a": "A man is sitting on a roof.",
+    "ctx_b": "he",
+    "ctx": "A man is sitting on a roof. he",
+    "split": "val",
+    "split_type": "indomain",
+    "label": 3,
+    "endings": [
+        "is using wrap to wrap a pair of skis.",
+        "is ripping level tiles off.",
+        "is holding a rubik's cube.",
+        "starts pulling up roofing on a roof.",
+    ],
+    "source_id": "activitynet~v_-JhWjGDPHMY",
+}
 # A WikiHow-style item with the bracket artifacts lm-eval-harness cleans up (synthetic text).
-WIKIHOW = {"ind": 4, "activity_label": "Home and Garden", "ctx_a": "[header] How to brew tea [title] Boil the water.",
-           "ctx_b": "[step] pour  it", "ctx": "[header] How to brew tea [title] Boil the water. [step] pour  it",
-           "split": "val", "split_type": "zeroshot", "label": "1",
-           "endings": [" over the cup. [substeps] Wait.", "into the pot.", "away.", "[title] Drink it."],
-           "source_id": "wikihow~1"}
+WIKIHOW = {
+    "ind": 4,
+    "activity_label": "Home and Garden",
+    "ctx_a": "[header] How to brew tea [title] Boil the water.",
+    "ctx_b": "[step] pour  it",
+    "ctx": "[header] How to brew tea [title] Boil the water. [step] pour  it",
+    "split": "val",
+    "split_type": "zeroshot",
+    "label": "1",
+    "endings": [" over the cup. [substeps] Wait.", "into the pot.", "away.", "[title] Drink it."],
+    "source_id": "wikihow~1",
+}
 
 
 def write_jsonl(path, records):
@@ -32,6 +51,7 @@ def write_jsonl(path, records):
 
 
 # -- formats -----------------------------------------------------------------------------------
+
 
 def test_txt_format_and_compression(tmp_path):
     items = load_examples(DATA)
@@ -71,12 +91,15 @@ def test_preprocess_matches_harness_rules():
     assert preprocess("no tags") == "no tags"
 
 
-@pytest.mark.parametrize("bad, where, what", [
-    ({**FIRST, "endings": ["a", "b", "c"]}, 2, "list of 4 strings"),
-    ({**FIRST, "label": 7}, 2, "label 0..3"),
-    ({k: v for k, v in FIRST.items() if k != "label"}, 2, "test split is unlabelled"),
-    ({**FIRST, "ctx_a": None}, 2, "'ctx_a'"),
-])
+@pytest.mark.parametrize(
+    "bad, where, what",
+    [
+        ({**FIRST, "endings": ["a", "b", "c"]}, 2, "list of 4 strings"),
+        ({**FIRST, "label": 7}, 2, "label 0..3"),
+        ({k: v for k, v in FIRST.items() if k != "label"}, 2, "test split is unlabelled"),
+        ({**FIRST, "ctx_a": None}, 2, "'ctx_a'"),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, bad, where, what):
     path = write_jsonl(tmp_path / "bad.jsonl", [FIRST, bad])
     with pytest.raises(HellaSwagError, match=f"{path}:{where}: .*{what}"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fgpt_jax.data.loader as loader_mod
-from fgpt_jax.data.loader import Rows, RowLoader, WindowLoader, val_rows, val_windows
+from fgpt_jax.data.loader import RowLoader, Rows, WindowLoader, val_rows, val_windows
 from fgpt_jax.data.shards import ShardError, ShardSet
 
 T = 15  # windows of 16 tokens
@@ -119,13 +119,17 @@ def test_out_of_vocabulary_token_stops_with_file_and_position():
     stream = np.arange(N, dtype=np.uint16) % 1000
     stream[2500] = 60_000  # in the third shard, which starts at 1003
     parts = [stream[:1000], stream[1000:1003], stream[1003:]]
-    bad = ShardSet(path="corpus", split="train", manifest={}, arrays=parts, files=["a.npy", "b.npy", "c.npy"],
-                   vocab_size=50_261)
+    bad = ShardSet(
+        path="corpus", split="train", manifest={}, arrays=parts, files=["a.npy", "b.npy", "c.npy"], vocab_size=50_261
+    )
     for prefetch in (0, 2):
         loader = WindowLoader(bad, T, 8, seed=0, prefetch=prefetch)
         read = 0
-        with pytest.raises(ShardError, match=r"^c\.npy: token 60000 at position 1497 is not below the vocabulary "
-                                             r"size 50261 \(corrupt shard"):
+        with pytest.raises(
+            ShardError,
+            match=r"^c\.npy: token 60000 at position 1497 is not below the vocabulary "
+            r"size 50261 \(corrupt shard",
+        ):
             for _ in range(loader.windows_per_epoch // 8 + 1):  # one epoch covers every position
                 next(loader)
                 read += 1
@@ -214,8 +218,12 @@ def test_row_loader_resume_is_exact_and_refuses_other_data():
         np.testing.assert_array_equal(next(resumed)[0], ref[k])
     other = _split(13)
     other.mask[0, 0] = 1 - other.mask[0, 0]  # same shape, different content
-    for loader in (RowLoader(other, 4, seed=1), RowLoader(_split(14), 4, seed=1),
-                    RowLoader(split, 4, seed=2), RowLoader(split, 8, seed=1)):
+    for loader in (
+        RowLoader(other, 4, seed=1),
+        RowLoader(_split(14), 4, seed=1),
+        RowLoader(split, 4, seed=2),
+        RowLoader(split, 8, seed=1),
+    ):
         with pytest.raises(ValueError, match="chat data state"):
             loader.set_state(state)
 

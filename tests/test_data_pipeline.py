@@ -20,14 +20,17 @@ from fgpt_jax.data.writer import write_shards
 LEGACY_CONFIG = os.path.join(os.path.dirname(__file__), "data", "legacy_run_v0_1", "config.json")
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("prefetch", -1, "prefetch=-1 must be >= 0"),
-    ("val_windows", 0, "val_windows=0 must be >= 1"),
-    ("val_windows", -8, "val_windows=-8 must be >= 1"),
-    ("read_threads", 0, "read_threads=0 must be >= 1"),
-    ("verify", "sometimes", "verify='sometimes' must be one of background, startup, off"),
-    ("verify", 1, "verify=1 must be one of background, startup, off"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("prefetch", -1, "prefetch=-1 must be >= 0"),
+        ("val_windows", 0, "val_windows=0 must be >= 1"),
+        ("val_windows", -8, "val_windows=-8 must be >= 1"),
+        ("read_threads", 0, "read_threads=0 must be >= 1"),
+        ("verify", "sometimes", "verify='sometimes' must be one of background, startup, off"),
+        ("verify", 1, "verify=1 must be one of background, startup, off"),
+    ],
+)
 def test_data_config_refuses_bad_values(field, value, message):
     """Issue 13.8: negative data.prefetch / data.val_windows were accepted."""
     with pytest.raises(ValueError, match=f"^DataConfig: {message}"):
@@ -51,11 +54,18 @@ def corpus(tmp_path_factory):
     """Two splits of ~450k tokens, one shard each: longer than the 64 sampled 4,096-token blocks, so a
     token changed between two blocks passes every check on open (only the full sha256 reads it)."""
     d = tmp_path_factory.mktemp("pipeline")
-    (d / "text.txt").write_text("".join(f"Paragraph {i} says {i * 7} and then {i * 13}, nothing more.\n\n"
-                                        for i in range(60_000)))
+    (d / "text.txt").write_text(
+        "".join(f"Paragraph {i} says {i * 7} and then {i * 13}, nothing more.\n\n" for i in range(60_000))
+    )
     out = d / "shards"
-    write_shards(TextSource([str(d / "text.txt")], blocks=True), str(out), shard_tokens=10**6, val_fraction=0.5,
-                 progress=False, workers=1)
+    write_shards(
+        TextSource([str(d / "text.txt")], blocks=True),
+        str(out),
+        shard_tokens=10**6,
+        val_fraction=0.5,
+        progress=False,
+        workers=1,
+    )
     return out
 
 
@@ -130,8 +140,9 @@ def test_check_never_blocks_on_a_slow_read(tmp_path):
     fifo = tmp_path / "train_000000.npy"
     os.mkfifo(fifo)
     manifest = {"splits": {"train": {"shards": [{"file": fifo.name, "sha256": "0" * 64}]}}}
-    shards = ShardSet(path=str(tmp_path), split="train", manifest=manifest, arrays=[np.zeros(1, np.uint16)],
-                      files=[str(fifo)])
+    shards = ShardSet(
+        path=str(tmp_path), split="train", manifest=manifest, arrays=[np.zeros(1, np.uint16)], files=[str(fifo)]
+    )
     data = Data(loader=None, val=[], verification=Verification([shards]))
     t0 = time.perf_counter()
     data.check()

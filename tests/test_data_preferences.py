@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 
 from fgpt_jax.data import PreferenceBatch, in_val_split
-from fgpt_jax.data.preferences import (Pair, PairLoader, build_preference_data, load_pairs, to_pair,
-                                       val_pairs)
+from fgpt_jax.data.preferences import Pair, PairLoader, build_preference_data, load_pairs, to_pair, val_pairs
 from fgpt_jax.data.sources import DataError
 
 DEMO = Path(__file__).parent / "data" / "dpo_en_demo_first120.json"
 
-CONV = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello! How can I help?"),
-        ("user", "Capital of France?")]
+CONV = [
+    ("system", "Be brief."),
+    ("user", "Hi"),
+    ("assistant", "Hello! How can I help?"),
+    ("user", "Capital of France?"),
+]
 CHOSEN, REJECTED = "Paris.", "London, I think."
 SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 
@@ -49,14 +52,26 @@ def test_real_sharegpt_pairs_load():
 
 def test_every_layout_gives_the_same_pair(tmp_path):
     full = Pair(tuple(CONV), CHOSEN, REJECTED)
-    sharegpt = {"conversations": [{"from": SHAREGPT_ROLE[r], "value": c} for r, c in CONV],
-                "chosen": {"from": "gpt", "value": CHOSEN}, "rejected": {"from": "gpt", "value": REJECTED}}
+    sharegpt = {
+        "conversations": [{"from": SHAREGPT_ROLE[r], "value": c} for r, c in CONV],
+        "chosen": {"from": "gpt", "value": CHOSEN},
+        "rejected": {"from": "gpt", "value": REJECTED},
+    }
     # HuggingFaceH4/ultrafeedback_binarized: whole conversations, the prompt string is the last user turn
-    ultra = {"prompt": CONV[-1][1], "prompt_id": "abc", "chosen": msgs(CONV + [("assistant", CHOSEN)]),
-             "rejected": msgs(CONV + [("assistant", REJECTED)]), "messages": msgs(CONV + [("assistant", CHOSEN)]),
-             "score_chosen": 8.0, "score_rejected": 3.5}
-    explicit = {"prompt": msgs(CONV), "chosen": msgs([("assistant", CHOSEN)]),
-                "rejected": msgs([("assistant", REJECTED)])}
+    ultra = {
+        "prompt": CONV[-1][1],
+        "prompt_id": "abc",
+        "chosen": msgs(CONV + [("assistant", CHOSEN)]),
+        "rejected": msgs(CONV + [("assistant", REJECTED)]),
+        "messages": msgs(CONV + [("assistant", CHOSEN)]),
+        "score_chosen": 8.0,
+        "score_rejected": 3.5,
+    }
+    explicit = {
+        "prompt": msgs(CONV),
+        "chosen": msgs([("assistant", CHOSEN)]),
+        "rejected": msgs([("assistant", REJECTED)]),
+    }
     implicit = {"chosen": msgs(CONV + [("assistant", CHOSEN)]), "rejected": msgs(CONV + [("assistant", REJECTED)])}
     for rec in (sharegpt, ultra, explicit, implicit):
         assert to_pair(rec, "f", 0) == full
@@ -71,32 +86,64 @@ def test_every_layout_gives_the_same_pair(tmp_path):
     assert load_pairs(write(tmp_path / "b.jsonl", [hh, strings], jsonl=True))[0].prompt == tuple(no_system)
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
+
     pq.write_table(pa.Table.from_pylist([implicit, implicit]), tmp_path / "c.parquet")
     assert load_pairs(str(tmp_path / "c.parquet")) == [full] * 2
 
 
-@pytest.mark.parametrize("rec,message", [
-    ({"conversations": [{"from": "human", "value": "Q"}], "rejected": {"from": "gpt", "value": "A"}},
-     "record 1: missing 'chosen'"),
-    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
-      "chosen": {"from": "gpt", "value": "B"}, "rejected": {"from": "gpt", "value": "C"}},
-     "record 1: the conversation must end with a user turn (the one both replies answer), it ends with a assistant"),
-    ({"conversations": [], "chosen": "B", "rejected": "C"}, "record 1: empty conversation"),
-    ({"conversations": [{"from": "observation", "value": "Q"}], "chosen": "B", "rejected": "C"},
-     "record 1: conversations turn 0 must be {from: system/human/user/gpt/assistant"),
-    ({"conversations": [{"from": "human", "value": "Q"}], "chosen": {"from": "human", "value": "B"}, "rejected": "C"},
-     "record 1: 'chosen' must be {from: gpt, value: string} or a string"),
-    ({"chosen": msgs([("user", "Q"), ("assistant", "B")]), "rejected": msgs([("user", "Other"), ("assistant", "C")])},
-     "record 1: 'chosen' and 'rejected' follow different conversations"),
-    ({"prompt": "Q", "chosen": msgs([("user", "Other"), ("assistant", "B")]),
-      "rejected": msgs([("user", "Other"), ("assistant", "C")])},
-     "record 1: 'chosen' and 'rejected' follow another conversation than 'prompt'"),
-    ({"chosen": msgs([("user", "Q")]), "rejected": msgs([("user", "Q"), ("assistant", "C")])},
-     "record 1: 'chosen' must end with the assistant's reply"),
-    ({"chosen": "just a reply", "rejected": "another"}, "record 1: 'chosen' is a string but not a transcript"),
-    ({"text": "hello"}, "record 1: unknown layout (keys: text)"),
-    ([1, 2], "record 1: expected an object, got list"),
-])
+@pytest.mark.parametrize(
+    "rec,message",
+    [
+        (
+            {"conversations": [{"from": "human", "value": "Q"}], "rejected": {"from": "gpt", "value": "A"}},
+            "record 1: missing 'chosen'",
+        ),
+        (
+            {
+                "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
+                "chosen": {"from": "gpt", "value": "B"},
+                "rejected": {"from": "gpt", "value": "C"},
+            },
+            "record 1: the conversation must end with a user turn (the one both replies answer), "
+            "it ends with a assistant",
+        ),
+        ({"conversations": [], "chosen": "B", "rejected": "C"}, "record 1: empty conversation"),
+        (
+            {"conversations": [{"from": "observation", "value": "Q"}], "chosen": "B", "rejected": "C"},
+            "record 1: conversations turn 0 must be {from: system/human/user/gpt/assistant",
+        ),
+        (
+            {
+                "conversations": [{"from": "human", "value": "Q"}],
+                "chosen": {"from": "human", "value": "B"},
+                "rejected": "C",
+            },
+            "record 1: 'chosen' must be {from: gpt, value: string} or a string",
+        ),
+        (
+            {
+                "chosen": msgs([("user", "Q"), ("assistant", "B")]),
+                "rejected": msgs([("user", "Other"), ("assistant", "C")]),
+            },
+            "record 1: 'chosen' and 'rejected' follow different conversations",
+        ),
+        (
+            {
+                "prompt": "Q",
+                "chosen": msgs([("user", "Other"), ("assistant", "B")]),
+                "rejected": msgs([("user", "Other"), ("assistant", "C")]),
+            },
+            "record 1: 'chosen' and 'rejected' follow another conversation than 'prompt'",
+        ),
+        (
+            {"chosen": msgs([("user", "Q")]), "rejected": msgs([("user", "Q"), ("assistant", "C")])},
+            "record 1: 'chosen' must end with the assistant's reply",
+        ),
+        ({"chosen": "just a reply", "rejected": "another"}, "record 1: 'chosen' is a string but not a transcript"),
+        ({"text": "hello"}, "record 1: unknown layout (keys: text)"),
+        ([1, 2], "record 1: expected an object, got list"),
+    ],
+)
 def test_bad_records_fail_with_one_line_naming_the_record(tmp_path, rec, message):
     good = {"prompt": "Q", "chosen": "A", "rejected": "B"}
     path = write(tmp_path / "bad.json", [good, rec])
@@ -125,26 +172,35 @@ def test_rows_are_the_chat_template_with_only_the_reply_masked(tok):
     for row, reply in ((0, pair.chosen), (1, pair.rejected)):
         ids, chat_mask = tok.render_chat(pair.messages() + [{"role": "assistant", "content": reply}])
         tokens, mask = data.train.tokens[row], data.train.mask[row]
-        assert tokens[:len(ids)].tolist() == ids and (tokens[len(ids):] == tok.eot_id).all()
+        assert tokens[: len(ids)].tolist() == ids and (tokens[len(ids) :] == tok.eot_id).all()
         n_reply = len(tok.encode(reply)) + 1  # its tokens and the closing <|end|>
         expected = np.zeros(4097, np.float32)
-        expected[len(ids) - n_reply:len(ids)] = 1
+        expected[len(ids) - n_reply : len(ids)] = 1
         np.testing.assert_array_equal(mask, expected[1:])  # aligned with the targets tokens[1:]
         assert sum(chat_mask) > n_reply  # render_chat also marks the prompt's assistant turns: context here
 
 
 def test_filters_drop_and_count_each_rule(tok):
     long = "word " * 300
-    pairs = [Pair((("user", "Q"),), "A", "B"),
-             Pair((("user", "Q"),), "   ", "B"),  # empty reply
-             Pair((("user", "Q"),), "same", "same"),  # identical
-             Pair((("user", long),), "A", "B"),  # prompt over the limit
-             Pair((("user", "Q"),), "A", long),  # a reply over the limit
-             Pair((("user", "Q " * 40),), "A " * 40, "B")]  # fits the limits, not the row
+    pairs = [
+        Pair((("user", "Q"),), "A", "B"),
+        Pair((("user", "Q"),), "   ", "B"),  # empty reply
+        Pair((("user", "Q"),), "same", "same"),  # identical
+        Pair((("user", long),), "A", "B"),  # prompt over the limit
+        Pair((("user", "Q"),), "A", long),  # a reply over the limit
+        Pair((("user", "Q " * 40),), "A " * 40, "B"),
+    ]  # fits the limits, not the row
     data = build_preference_data(pairs, 64, max_prompt_tokens=50, max_response_tokens=50, val_fraction=0)
     s = data.stats
-    assert (s["loaded"], s["kept"], s["dropped_empty"], s["dropped_identical"], s["dropped_prompt"],
-            s["dropped_response"], s["dropped_too_long"]) == (6, 1, 1, 1, 1, 1, 1)
+    assert (
+        s["loaded"],
+        s["kept"],
+        s["dropped_empty"],
+        s["dropped_identical"],
+        s["dropped_prompt"],
+        s["dropped_response"],
+        s["dropped_too_long"],
+    ) == (6, 1, 1, 1, 1, 1, 1)
     assert s["train_pairs"] == 1 and s["val_pairs"] == 0 and data.train.tokens.shape == (2, 65)
     assert s["truncated_prompt"] == s["truncated_response"] == 0
 
@@ -152,21 +208,26 @@ def test_filters_drop_and_count_each_rule(tok):
 def test_truncation_cuts_inside_the_template(tok):
     conv = (("system", "Be brief."), ("user", "first " * 30), ("assistant", "answer " * 30), ("user", "last " * 30))
     pair = Pair(conv, "good " * 100, "bad " * 10)
-    data = build_preference_data([pair], 128, max_prompt_tokens=20, max_response_tokens=50, truncate=True,
-                                 val_fraction=0)
+    data = build_preference_data(
+        [pair], 128, max_prompt_tokens=20, max_response_tokens=50, truncate=True, val_fraction=0
+    )
     assert data.stats["truncated_prompt"] == data.stats["truncated_response"] == data.stats["kept"] == 1
     row, mask = data.train.tokens[0].tolist(), data.train.mask[0]
     system, _ = tok.render_chat([{"role": "system", "content": "Be brief."}])
     prompt_len = 20
-    assert row[:len(system)] == system and row[len(system)] == tok.user_id  # the oldest turns went first
-    assert row[prompt_len - 2:prompt_len] == [tok.end_id, tok.assistant_id]
+    assert row[: len(system)] == system and row[len(system)] == tok.user_id  # the oldest turns went first
+    assert row[prompt_len - 2 : prompt_len] == [tok.end_id, tok.assistant_id]
     room = prompt_len - len(system) - 3  # the last user message's last tokens, between <|user|> and <|end|>
-    assert row[len(system) + 1:prompt_len - 2] == tok.encode("last " * 30)[-room:]
-    assert row[prompt_len:prompt_len + 50] == tok.encode("good " * 100)[:50]  # the reply's first 50 tokens, no <|end|>
-    assert mask.sum() == 50 and mask[prompt_len - 1:prompt_len + 49].all()
+    assert row[len(system) + 1 : prompt_len - 2] == tok.encode("last " * 30)[-room:]
+    assert (
+        row[prompt_len : prompt_len + 50] == tok.encode("good " * 100)[:50]
+    )  # the reply's first 50 tokens, no <|end|>
+    assert mask.sum() == 50 and mask[prompt_len - 1 : prompt_len + 49].all()
     short = data.train.tokens[1].tolist()  # the rejected reply fits: whole, with its <|end|>
     n = len(tok.encode("bad " * 10)) + 1
-    assert short[prompt_len:prompt_len + n] == tok.encode("bad " * 10) + [tok.end_id] and data.train.mask[1].sum() == n
+    assert (
+        short[prompt_len : prompt_len + n] == tok.encode("bad " * 10) + [tok.end_id] and data.train.mask[1].sum() == n
+    )
     sys_only = Pair((("system", "x " * 30), ("user", "Q")), "A", "B")  # the system prompt leaves no room
     cut = build_preference_data([sys_only], 128, max_prompt_tokens=20, truncate=True, val_fraction=0)
     assert cut.stats["dropped_prompt"] == 1 and cut.stats["kept"] == 0
@@ -214,8 +275,10 @@ def test_pair_loader_keeps_pairs_whole_and_visits_each_once_per_epoch():
 def test_pair_loader_processes_and_state():
     rows, ref = _rows(10)
     whole = PairLoader(rows, ref, global_batch_size=4, seed=1, prefetch=0)
-    parts = [PairLoader(rows, ref, global_batch_size=4, seed=1, process_index=p, process_count=2, prefetch=0)
-             for p in range(2)]
+    parts = [
+        PairLoader(rows, ref, global_batch_size=4, seed=1, process_index=p, process_count=2, prefetch=0)
+        for p in range(2)
+    ]
     for k in range(3):
         np.testing.assert_array_equal(np.concatenate([p.batch(k).ref_logp for p in parts]), whole.batch(k).ref_logp)
     next(whole), next(whole)

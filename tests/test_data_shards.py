@@ -19,23 +19,25 @@ from fgpt_jax.data.writer import write_shards
 from fgpt_jax.tokenizer import get_tokenizer
 
 
-
 @pytest.fixture
 def books(tmp_path):
     """Varied paragraphs (identical ones would all hash into the same split)."""
     d = tmp_path / "books"
     d.mkdir()
     for name, n in (("a.txt", 150), ("b.txt", 250)):
-        (d / name).write_text("".join(f"Paragraph {name} {i}: the {i * i} quick brown foxes jump over {i % 7} "
-                                      f"lazy dogs.\n\n" for i in range(n)))
+        (d / name).write_text(
+            "".join(
+                f"Paragraph {name} {i}: the {i * i} quick brown foxes jump over {i % 7} lazy dogs.\n\n"
+                for i in range(n)
+            )
+        )
     return d
 
 
 @pytest.fixture
 def shard_dir(books, tmp_path):
     out = tmp_path / "shards"
-    write_shards(TextSource([str(books)], blocks=True), str(out), shard_tokens=500, val_fraction=0.3,
-                 progress=False)
+    write_shards(TextSource([str(books)], blocks=True), str(out), shard_tokens=500, val_fraction=0.3, progress=False)
     return out
 
 
@@ -88,6 +90,7 @@ def test_missing_truncated_foreign_corrupt_shards(shard_dir):
 
 def io_bytes(b):
     import io
+
     return io.BytesIO(b)
 
 
@@ -99,9 +102,11 @@ def _cli(*args):
 def test_bad_manifests(shard_dir):
     path = shard_dir / "manifest.json"
     good = _manifest(shard_dir)
-    for change, msg in [(lambda m: m["tokenizer"].update(sha256="0" * 64), "another tokenizer"),
-                        (lambda m: m.update(dtype="int32"), "dtype: expected 'uint16', got 'int32'"),
-                        (lambda m: m["splits"]["train"].update(num_tokens=1), "manifest says 1")]:
+    for change, msg in [
+        (lambda m: m["tokenizer"].update(sha256="0" * 64), "another tokenizer"),
+        (lambda m: m.update(dtype="int32"), "dtype: expected 'uint16', got 'int32'"),
+        (lambda m: m["splits"]["train"].update(num_tokens=1), "manifest says 1"),
+    ]:
         m = json.loads(json.dumps(good))
         change(m)
         path.write_text(json.dumps(m))
@@ -128,6 +133,7 @@ def _set(path: str, value):
             del m[last]
         else:
             m[last] = value
+
     return change
 
 
@@ -144,8 +150,11 @@ SCHEMA_CASES = [  # (where, value, what the one line must say after "manifest.js
     ("splits.train.shards.0", "train_000000.npy", "splits.train.shards[0]: expected a valid dictionary"),
     ("splits.val", DELETE, "splits.val: missing"),
     ("splits.train.shards.0.sha256", "xyz", "splits.train.shards[0].sha256: String should match pattern"),
-    ("splits.train.shards.0.sampled", {"blocks": "64", "block_tokens": 4096, "sha256": "0" * 32},
-     "splits.train.shards[0].sampled.blocks: expected a valid integer, got '64'"),
+    (
+        "splits.train.shards.0.sampled",
+        {"blocks": "64", "block_tokens": 4096, "sha256": "0" * 32},
+        "splits.train.shards[0].sampled.blocks: expected a valid integer, got '64'",
+    ),
     ("val_fraction", 2.0, "val_fraction: expected less than 1, got 2.0"),
     ("version", "1", "expected version 1, got '1'"),
     ("format", DELETE, "expected format 'fgpt-jax-shards', got None"),
@@ -155,12 +164,19 @@ SCHEMA_CASES = [  # (where, value, what the one line must say after "manifest.js
     ("splits.train.shards.0.file", "sub/train_000000.npy", "splits.train.shards[0].file: expected a file name"),
     ("splits.train.shards.0.file", "..", "splits.train.shards[0].file: expected a file name inside"),
     ("splits.train.shards.0.file", "a\\b.npy", "splits.train.shards[0].file: expected a file name inside"),
-    ("splits.train.shards.1.file", "train_000000.npy",
-     "splits.train.shards[1].file: 'train_000000.npy' is also splits.train.shards[0].file"),
+    (
+        "splits.train.shards.1.file",
+        "train_000000.npy",
+        "splits.train.shards[1].file: 'train_000000.npy' is also splits.train.shards[0].file",
+    ),
 ]
 
 
-@pytest.mark.parametrize("where, value, expected", SCHEMA_CASES, ids=[f"{w}={'<deleted>' if v is DELETE else repr(v)}"[:60] for w, v, _ in SCHEMA_CASES])
+@pytest.mark.parametrize(
+    "where, value, expected",
+    SCHEMA_CASES,
+    ids=[f"{w}={'<deleted>' if v is DELETE else repr(v)}"[:60] for w, v, _ in SCHEMA_CASES],
+)
 def test_manifest_schema_names_the_field(shard_dir, where, value, expected):
     m = _manifest(shard_dir)
     _set(where, value)(m)
@@ -186,16 +202,18 @@ def test_shard_name_outside_the_directory_is_never_opened(shard_dir, tmp_path):
     entry["file"], entry["num_tokens"] = "train_000000.npy", "lots"
     (shard_dir / "manifest.json").write_text(json.dumps(m))
     r, lines = _cli("check", str(shard_dir))
-    assert r.returncode == 2 and lines == [f"error: {shard_dir / 'manifest.json'}: splits.train.shards[0].num_tokens: "
-                                           f"expected a valid integer, got 'lots'"], r.stderr
+    assert r.returncode == 2 and lines == [
+        f"error: {shard_dir / 'manifest.json'}: splits.train.shards[0].num_tokens: expected a valid integer, got 'lots'"
+    ], r.stderr
 
 
 @pytest.fixture(scope="module")
 def big_shard(tmp_path_factory):
     """One train shard of ~420k tokens: longer than the 64 sampled 4,096-token blocks (262,144 tokens)."""
     d = tmp_path_factory.mktemp("big")
-    (d / "text.txt").write_text("".join(f"Line {i} holds the numbers {i * 7} and {i * 13} in words.\n"
-                                        for i in range(30_000)))
+    (d / "text.txt").write_text(
+        "".join(f"Line {i} holds the numbers {i * 7} and {i * 13} in words.\n" for i in range(30_000))
+    )
     out = d / "shards"
     write_shards(TextSource([str(d / "text.txt")]), str(out), shard_tokens=10**6, val_fraction=0.0, progress=False)
     return out
@@ -215,7 +233,11 @@ def test_sampled_blocks_catch_changes_in_the_middle(big_shard, tmp_path):
     shutil.copytree(big_shard, d)
     entry = _manifest(d)["splits"]["train"]["shards"][0]
     n = entry["num_tokens"]
-    assert n > 64 * 4096 and entry["sampled"] == {"blocks": 64, "block_tokens": 4096, "sha256": entry["sampled"]["sha256"]}
+    assert n > 64 * 4096 and entry["sampled"] == {
+        "blocks": 64,
+        "block_tokens": 4096,
+        "sha256": entry["sampled"]["sha256"],
+    }
     block_30 = 30 * (n - 4096) // 63  # where sampled block 30 starts
     _flip_token(d / entry["file"], block_30 + 100)
     with pytest.raises(ShardError, match=f"{entry['file']}: sampled blocks do not match the manifest"):
@@ -237,8 +259,9 @@ def test_check_says_what_it_read_and_verify_reads_the_rest(big_shard, tmp_path):
     out = json.loads(r.stdout)
     assert out["train"]["num_tokens"] == n and "sampled 4,096-token blocks" in out["checked"]
     r, lines = _cli("check", str(d), "--verify")  # the full sha256 finds it
-    assert r.returncode == 2 and lines == [f"error: {d / entry['file']}: sha256 does not match the manifest "
-                                           f"(corrupt shard)"]
+    assert r.returncode == 2 and lines == [
+        f"error: {d / entry['file']}: sha256 does not match the manifest (corrupt shard)"
+    ]
     # A manifest written before sampled blocks existed still opens and checks; the note says what it read.
     m = _manifest(d)
     del m["splits"]["train"]["shards"][0]["sampled"]
@@ -252,8 +275,15 @@ def test_bundled_sample_builds_once_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("FGPT_JAX_CACHE", str(cache))
     # Two processes racing for the first build: both succeed, one directory, no temp left.
     code = "from fgpt_jax.data.bundled import corpus_dir; print(corpus_dir())"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "FGPT_JAX_CACHE": str(cache)}) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "FGPT_JAX_CACHE": str(cache)},
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate()[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1]
     assert os.listdir(cache) == [os.path.basename(outs[0])]

@@ -12,19 +12,24 @@ from fgpt_jax.data.sources import DataError, TextSource, strip_gutenberg
 
 # The real Project Gutenberg markers and header/licence lines (the START marker wrapped over two lines, as in
 # Robinson Crusoe, and the licence's two real closing forms), CRLF endings; the book text is synthetic.
-HEADER = ("The Project Gutenberg EBook of A Test, by Nobody\r\n\r\nThis eBook is for the use of anyone anywhere\r\n"
-          "\r\n")
-LICENCE = ("***** This file should be named 1234.txt *****\r\nSection 1. General Terms of Use\r\n"
-           "This Web site includes information about Project Gutenberg-tm,\r\nincluding how to make donations "
-           "to the Project Gutenberg Literary\r\nArchive Foundation, how to help produce our new eBooks, and how "
-           "to\r\nsubscribe to our email newsletter to hear about new eBooks.\r\n")
-BOOK = (HEADER + "*** START OF THIS PROJECT GUTENBERG EBOOK A TEST ***\r\n\r\n\r\n"
-        "Chapter I\r\n\r\nIt was a dark night.\r\nThe wind blew.\r\n\r\nChapter II\r\n\r\nMorning came.\r\n"
-        "\r\n*** END OF THIS PROJECT GUTENBERG EBOOK A TEST ***\r\n\r\n" + LICENCE)
-BOOK_WRAPPED = ("The Project Gutenberg eBook, The Life and Adventures of Robinson Crusoe\r\n"
-                "***START OF THE PROJECT GUTENBERG EBOOK THE LIFE AND ADVENTURES OF\r\n"
-                "ROBINSON CRUSOE***\r\nI was born.\r\n***END OF THE PROJECT GUTENBERG EBOOK THE LIFE\r\n"
-                "Licence\r\nAn alternative method of locating eBooks:\r\n\r\n*** END: FULL LICENSE ***\r\n")
+HEADER = "The Project Gutenberg EBook of A Test, by Nobody\r\n\r\nThis eBook is for the use of anyone anywhere\r\n\r\n"
+LICENCE = (
+    "***** This file should be named 1234.txt *****\r\nSection 1. General Terms of Use\r\n"
+    "This Web site includes information about Project Gutenberg-tm,\r\nincluding how to make donations "
+    "to the Project Gutenberg Literary\r\nArchive Foundation, how to help produce our new eBooks, and how "
+    "to\r\nsubscribe to our email newsletter to hear about new eBooks.\r\n"
+)
+BOOK = (
+    HEADER + "*** START OF THIS PROJECT GUTENBERG EBOOK A TEST ***\r\n\r\n\r\n"
+    "Chapter I\r\n\r\nIt was a dark night.\r\nThe wind blew.\r\n\r\nChapter II\r\n\r\nMorning came.\r\n"
+    "\r\n*** END OF THIS PROJECT GUTENBERG EBOOK A TEST ***\r\n\r\n" + LICENCE
+)
+BOOK_WRAPPED = (
+    "The Project Gutenberg eBook, The Life and Adventures of Robinson Crusoe\r\n"
+    "***START OF THE PROJECT GUTENBERG EBOOK THE LIFE AND ADVENTURES OF\r\n"
+    "ROBINSON CRUSOE***\r\nI was born.\r\n***END OF THE PROJECT GUTENBERG EBOOK THE LIFE\r\n"
+    "Licence\r\nAn alternative method of locating eBooks:\r\n\r\n*** END: FULL LICENSE ***\r\n"
+)
 BODY = "Chapter I\n\nIt was a dark night.\nThe wind blew.\n\nChapter II\n\nMorning came."
 
 
@@ -74,7 +79,8 @@ def test_gutenberg_strips_only_the_pair_and_keeps_other_text():
     text, removed = strip_gutenberg(long_tail)
     assert text.startswith(BODY + "\n\n***** This file") and text.endswith("More text.")
     assert removed == len(_lf(HEADER)) + len("*** START OF THIS PROJECT GUTENBERG EBOOK A TEST ***\n") + len(
-        "*** END OF THIS PROJECT GUTENBERG EBOOK A TEST ***\n")
+        "*** END OF THIS PROJECT GUTENBERG EBOOK A TEST ***\n"
+    )
 
 
 def test_text_source_reports_what_it_stripped(books):
@@ -98,13 +104,29 @@ def test_hub_unreachable_fails_fast_and_suggests_files(tmp_path, env):
     """Offline or unreachable Hub: one line suggesting --files within seconds (it retried for ~23 s), nothing
     written. Never touches the network: offline mode, or an endpoint on a closed local port."""
     env = {k: (f"http://127.0.0.1:{_closed_port()}" if v == "ENDPOINT" else v) for k, v in env.items()}
-    base = {k: v for k, v in os.environ.items() if k not in (
-        "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
-        "https_proxy", "all_proxy")}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "HF_HUB_OFFLINE",
+            "HF_DATASETS_OFFLINE",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+        )
+    }
     out = tmp_path / "out"
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.data", "fineweb", "--out", str(out), "--no-progress"],
-                       capture_output=True, text=True, env={**base, "HF_HUB_DISABLE_TELEMETRY": "1", **env})
+    r = subprocess.run(
+        [sys.executable, "-m", "fgpt_jax.data", "fineweb", "--out", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env={**base, "HF_HUB_DISABLE_TELEMETRY": "1", **env},
+    )
     elapsed = time.perf_counter() - t0
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
@@ -113,14 +135,32 @@ def test_hub_unreachable_fails_fast_and_suggests_files(tmp_path, env):
 
 
 def test_text_cli_reports_stripping_per_file(books, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.data", "text", str(books), "--out", str(tmp_path / "out"),
-                        "--val-fraction", "0", "--workers", "1", "--no-progress"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgpt_jax.data",
+            "text",
+            str(books),
+            "--out",
+            str(tmp_path / "out"),
+            "--val-fraction",
+            "0",
+            "--workers",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     lines = sorted(line for line in r.stderr.splitlines() if line.strip())
     n = len(_lf(BOOK))
-    assert lines == [f"{books / 'a.txt'}: stripped Project Gutenberg header and licence: {n - len(BODY) - 4:,} of "
-                     f"{n:,} characters ({(n - len(BODY) - 4) / n:.1%}; --keep-gutenberg keeps them)",
-                     f"{books / 'b.txt'}: stripped Project Gutenberg header and licence: "
-                     f"{len(_lf(BOOK_WRAPPED)) - len('I was born.') - 1:,} of {len(_lf(BOOK_WRAPPED)):,} characters "
-                     f"({(len(_lf(BOOK_WRAPPED)) - len('I was born.') - 1) / len(_lf(BOOK_WRAPPED)):.1%}; "
-                     f"--keep-gutenberg keeps them)"]
+    assert lines == [
+        f"{books / 'a.txt'}: stripped Project Gutenberg header and licence: {n - len(BODY) - 4:,} of "
+        f"{n:,} characters ({(n - len(BODY) - 4) / n:.1%}; --keep-gutenberg keeps them)",
+        f"{books / 'b.txt'}: stripped Project Gutenberg header and licence: "
+        f"{len(_lf(BOOK_WRAPPED)) - len('I was born.') - 1:,} of {len(_lf(BOOK_WRAPPED)):,} characters "
+        f"({(len(_lf(BOOK_WRAPPED)) - len('I was born.') - 1) / len(_lf(BOOK_WRAPPED)):.1%}; "
+        f"--keep-gutenberg keeps them)",
+    ]

@@ -32,6 +32,7 @@ def test_config_reference_is_current():
 def _runtime_fields(cls, prefix=""):
     """{dotted key: (class, dataclass field)} of a config class, groups (`GPTConfig | None`, ...) expanded."""
     import typing
+
     out = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -45,6 +46,7 @@ def _runtime_fields(cls, prefix=""):
 
 def test_config_reference_matches_the_dataclasses():
     from fgpt_jax.config import Config
+
     parsed = _reference().all_keys()
     runtime = _runtime_fields(Config)
     assert list(parsed) == list(runtime)  # same keys, same order
@@ -101,6 +103,7 @@ def _mentions(pattern: str, pages=PAGES):
 
 def test_config_keys_and_presets_named_in_the_pages_exist():
     from fgpt_jax.config import list_presets
+
     keys = _reference().all_keys()
     named = [(page, key) for page, key in _mentions(r"--config\.([a-z_][a-z0-9_.]*)=") if key != "a.b"]  # a.b: usage
     assert len(named) > 20
@@ -109,14 +112,22 @@ def test_config_keys_and_presets_named_in_the_pages_exist():
     presets = list(_mentions(r"--config[ =]([A-Za-z0-9_-]+)\b(?![./])"))
     assert presets
     for page, name in presets:
-        assert name.replace("-", "_") in list_presets() or name in ("NAME", "FILE_OR_PRESET", "PRESET"), \
+        assert name.replace("-", "_") in list_presets() or name in ("NAME", "FILE_OR_PRESET", "PRESET"), (
             f"{page}: --config {name} is not a preset"
+        )
 
 
 def test_commands_named_in_the_pages_exist():
     modules = {m for _, m in _mentions(r"python -m (fgpt_jax\.\w+(?:\.\w+)*)")}
-    assert {"fgpt_jax.train", "fgpt_jax.data", "fgpt_jax.eval", "fgpt_jax.generate", "fgpt_jax.chat",
-            "fgpt_jax.hf", "fgpt_jax.plot"} <= modules
+    assert {
+        "fgpt_jax.train",
+        "fgpt_jax.data",
+        "fgpt_jax.eval",
+        "fgpt_jax.generate",
+        "fgpt_jax.chat",
+        "fgpt_jax.hf",
+        "fgpt_jax.plot",
+    } <= modules
     for name in modules:
         spec = importlib.util.find_spec(name)
         assert spec is not None, f"python -m {name}: no such module"
@@ -136,8 +147,9 @@ def test_nothing_points_at_the_sibling_data_folder():
     # Spelled in pieces so this file does not match itself.
     needles = [b"../" + b"shared", b"DESIGN" + b".md"]
     roots = [ROOT / d for d in ("fgpt_jax", "configs", "scripts", "docs", "tests")] + [ROOT / "README.md"]
-    files = [p for r in roots for p in ([r] if r.is_file() else r.rglob("*"))
-             if p.is_file() and "__pycache__" not in p.parts]
+    files = [
+        p for r in roots for p in ([r] if r.is_file() else r.rglob("*")) if p.is_file() and "__pycache__" not in p.parts
+    ]
     assert len(files) > 50
     bad = [f"{p.relative_to(ROOT)}: {n.decode()}" for p in files for n in needles if n in p.read_bytes()]
     assert not bad, "; ".join(bad)

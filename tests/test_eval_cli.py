@@ -56,11 +56,17 @@ def test_val_cli(run_dir, capsys):
     assert records(run_dir)[-1]["task"] == "val"
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["hellaswag", "--data", "/nonexistent/hellaswag.jsonl"], "error: /nonexistent/hellaswag.jsonl: file not found"),
-    (["hellaswag", "--limit", "0"], "error: argument --limit: expected a positive integer, got '0'"),
-    (["val", "--step", "99"], "error: --step 99: not in"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["hellaswag", "--data", "/nonexistent/hellaswag.jsonl"],
+            "error: /nonexistent/hellaswag.jsonl: file not found",
+        ),
+        (["hellaswag", "--limit", "0"], "error: argument --limit: expected a positive integer, got '0'"),
+        (["val", "--step", "99"], "error: --step 99: not in"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(run_dir, capsys, argv, expected):
     argv = argv[:1] + ["--run", str(run_dir)] + argv[1:]
     try:
@@ -83,17 +89,41 @@ def test_bad_data_line_named(run_dir, capsys, tmp_path):
 def test_cli_process_exit_code(run_dir, tmp_path):
     """The real `python -m fgpt_jax.eval`: exit status 2 and exactly one line on stderr."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    p = subprocess.run([sys.executable, "-m", "fgpt_jax.eval", "hellaswag", "--run", str(run_dir),
-                        "--data", str(tmp_path / "missing.txt")], capture_output=True, text=True, env=env, cwd=REPO)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgpt_jax.eval",
+            "hellaswag",
+            "--run",
+            str(run_dir),
+            "--data",
+            str(tmp_path / "missing.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.txt'}: file not found"]
 
 
 # ------------------------------------------------- `eval val` == the trainer's val/loss (issue 13)
 
-TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=64", "train.steps=2",
-        "train.batch_size=8", "train.grad_accum=2", "train.eval_every=0", "train.ckpt_every=0", "train.sample_tokens=2",
-        "optim.warmup_steps=1"]
+TINY = [
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.block_size=64",
+    "train.steps=2",
+    "train.batch_size=8",
+    "train.grad_accum=2",
+    "train.eval_every=0",
+    "train.ckpt_every=0",
+    "train.sample_tokens=2",
+    "optim.warmup_steps=1",
+]
 
 
 def last_val_loss(run: Path) -> float:
@@ -107,11 +137,23 @@ def trained(tmp_path_factory):
     run on the Alpaca sample, both trained by the real trainer."""
     from fgpt_jax.config import apply_overrides, load_config
     from fgpt_jax.train import train
+
     root = tmp_path_factory.mktemp("trained")
     train(apply_overrides(load_config("tiny"), TINY + ["data.val_windows=12"]), root / "base")
-    train(apply_overrides(load_config("tiny"), TINY + [
-        "data.format=chat", f"data.path={Path(__file__).parent / 'data' / 'instruction-examples.json'}",
-        "data.val_fraction=0.2", "data.max_prompt_tokens=0", "data.max_response_tokens=0"]), root / "sft")
+    train(
+        apply_overrides(
+            load_config("tiny"),
+            TINY
+            + [
+                "data.format=chat",
+                f"data.path={Path(__file__).parent / 'data' / 'instruction-examples.json'}",
+                "data.val_fraction=0.2",
+                "data.max_prompt_tokens=0",
+                "data.max_response_tokens=0",
+            ],
+        ),
+        root / "sft",
+    )
     return root / "base", root / "sft"
 
 
@@ -143,16 +185,34 @@ def test_val_on_an_imported_run_needs_data(trained, tmp_path, capsys):
     run's own data and geometry gives back that run's val/loss (export/import is exact)."""
     from fgpt_jax import hf
     from fgpt_jax.checkpoint import load_model
+
     base, _ = trained
     model, cfg = load_model(base)
     hf.to_hf(model, cfg, tmp_path / "hf")
     imported = save_model(tmp_path / "imported", *hf.from_hf(str(tmp_path / "hf")))
     assert main(["val", "--run", str(imported)]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: --run {imported}: records no training data (an imported "
-                                               f"model?); pass --data with a shard directory, 'tinyshakespeare' or a "
-                                               f"conversations file")
-    assert main(["val", "--run", str(imported), "--data", "tinyshakespeare", "--batch-size", "4", "--max-tokens",
-                 str(12 * 64), "--no-progress"]) == 0
+    assert capsys.readouterr().err.strip() == (
+        f"error: --run {imported}: records no training data (an imported "
+        f"model?); pass --data with a shard directory, 'tinyshakespeare' or a "
+        f"conversations file"
+    )
+    assert (
+        main(
+            [
+                "val",
+                "--run",
+                str(imported),
+                "--data",
+                "tinyshakespeare",
+                "--batch-size",
+                "4",
+                "--max-tokens",
+                str(12 * 64),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert last_json(capsys)["loss"] == pytest.approx(last_val_loss(base), rel=1e-6)
     data = Path(__file__).parent / "data" / "instruction-examples.json"
     assert main(["val", "--run", str(imported), "--data", str(data), "--no-progress"]) == 0

@@ -17,6 +17,7 @@ BLOCK = 64
 
 # -- scorer vs a plain reference loop ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny():
     cfg = GPTConfig.preset("tiny", block_size=BLOCK)
@@ -34,8 +35,8 @@ def reference_logprobs(graphdef, params, items, tok):
             end = tok.encode(" " + ending)
             seq = (ctx + end)[-BLOCK:]  # left-truncated to the block
             x = np.zeros((1, BLOCK), np.int32)  # right padding: causal, so positions < len(seq) are unaffected
-            x[0, :len(seq)] = seq
-            logits = np.asarray(forward(params, x))[0, :len(seq)].astype(np.float64)
+            x[0, : len(seq)] = seq
+            logits = np.asarray(forward(params, x))[0, : len(seq)].astype(np.float64)
             logp = logits - logits.max(-1, keepdims=True)
             logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
             first = max(len(seq) - len(end), 1)
@@ -51,18 +52,31 @@ def test_scorer_equals_reference_loop(tiny, tok):
     ref = reference_logprobs(graphdef, params, items, tok)
     np.testing.assert_allclose(lp, ref, rtol=0, atol=1e-5)
     labels = np.array([x.label for x in items])
-    nchar = np.array([[len(e.encode('utf-8')) for e in x.endings] for x in items])  # bytes
-    ntok_ref = np.array([[min(len(tok.encode(" " + e)), len((tok.encode(x.context) + tok.encode(" " + e))[-BLOCK:]) - 1)
-                          for e in x.endings] for x in items])
+    nchar = np.array([[len(e.encode("utf-8")) for e in x.endings] for x in items])  # bytes
+    ntok_ref = np.array(
+        [
+            [
+                min(len(tok.encode(" " + e)), len((tok.encode(x.context) + tok.encode(" " + e))[-BLOCK:]) - 1)
+                for e in x.endings
+            ]
+            for x in items
+        ]
+    )
     np.testing.assert_array_equal(ntok, ntok_ref)
     for name, score in [("acc", ref), ("acc_norm", ref / nchar), ("acc_token_avg", ref / ntok_ref)]:
-        np.testing.assert_array_equal(np.argmax(lp / {"acc": 1, "acc_norm": nchar, "acc_token_avg": ntok}[name], 1),
-                                      np.argmax(score, 1), err_msg=name)
+        np.testing.assert_array_equal(
+            np.argmax(lp / {"acc": 1, "acc_norm": nchar, "acc_token_avg": ntok}[name], 1),
+            np.argmax(score, 1),
+            err_msg=name,
+        )
     metrics = scorer(graphdef, params)
-    expected = {"n": 24, "acc": np.mean(np.argmax(ref, 1) == labels),
-                "acc_norm": np.mean(np.argmax(ref / nchar, 1) == labels),
-                # build-nanogpt: the smallest mean token loss
-                "acc_token_avg": np.mean(np.argmin(-ref / ntok_ref, 1) == labels)}
+    expected = {
+        "n": 24,
+        "acc": np.mean(np.argmax(ref, 1) == labels),
+        "acc_norm": np.mean(np.argmax(ref / nchar, 1) == labels),
+        # build-nanogpt: the smallest mean token loss
+        "acc_token_avg": np.mean(np.argmin(-ref / ntok_ref, 1) == labels),
+    }
     assert metrics == pytest.approx(expected, abs=0)
 
 

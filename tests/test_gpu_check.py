@@ -16,22 +16,45 @@ import gpu_check  # noqa: E402
 
 
 def _check(*args, timeout=120):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.slow
 def test_smoke_runs_every_section(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    r = _check("--smoke", "--out", str(out), "--workdir", str(work), "--assets", str(tmp_path / "no-assets"),
-               "--budget", "1500", timeout=1600)
+    r = _check(
+        "--smoke",
+        "--out",
+        str(out),
+        "--workdir",
+        str(work),
+        "--assets",
+        str(tmp_path / "no-assets"),
+        "--budget",
+        "1500",
+        timeout=1600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
     report = (out / "gpu_check.md").read_text()
     assert report in r.stdout  # printed too: the device returns the end of the output
     titles = [line[3:] for line in report.splitlines() if line.startswith("## ")]
-    assert titles == ["Environment", "Throughput: gpt2", "Throughput: fgpt", "Numerics", "Real run",
-                      "Optimizer: Muon vs AdamW", "Variants: gpt2", "XLA/JAX settings: gpt2, AdamW, micro-batch 2"]
+    assert titles == [
+        "Environment",
+        "Throughput: gpt2",
+        "Throughput: fgpt",
+        "Numerics",
+        "Real run",
+        "Optimizer: Muon vs AdamW",
+        "Variants: gpt2",
+        "XLA/JAX settings: gpt2, AdamW, micro-batch 2",
+    ]
     for bad in ("failed (rc=", "error:", "not run: time budget", "Traceback"):
         assert bad not in report, bad
     # the checkout's sources were staged and imported, configs included
@@ -63,13 +86,19 @@ def test_smoke_runs_every_section(tmp_path):
     assert flags["O1"]["optimization_level"] == "O1" and flags["O1"]["rows"][0]["tokens_per_sec"] > 0
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--sections", "env,gpu"], "error: argument --sections: expected sections from env, throughput, peer, "
-                                "numerics, run, optim, variants, flags (comma-separated), got 'env,gpu'"),
-    (["--plan", "9"], "error: argument --plan: invalid choice: '9' (choose from "),  # quoting varies by Python
-    (["--budget", "10"], "error: argument --budget: expected an integer >= 30, got '10'"),
-    (["--books", "/no/such/book.txt"], "error: --books /no/such/book.txt: not a file"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--sections", "env,gpu"],
+            "error: argument --sections: expected sections from env, throughput, peer, "
+            "numerics, run, optim, variants, flags (comma-separated), got 'env,gpu'",
+        ),
+        (["--plan", "9"], "error: argument --plan: invalid choice: '9' (choose from "),  # quoting varies by Python
+        (["--budget", "10"], "error: argument --budget: expected an integer >= 30, got '10'"),
+        (["--books", "/no/such/book.txt"], "error: --books /no/such/book.txt: not a file"),
+    ],
+)
 def test_bad_arguments_one_line(tmp_path, args, message):
     r = _check("--out", str(tmp_path), *args)
     assert r.returncode == 2

@@ -43,15 +43,16 @@ def reference(model):
     T = model.config.block_size
 
     def run(prompt, n):
-        seq = list(prompt)[-(T - n):]
+        seq = list(prompt)[-(T - n) :]
         out = []
         for _ in range(n):
             buf = np.zeros((1, T), np.int32)
-            buf[0, :len(seq)] = seq
+            buf[0, : len(seq)] = seq
             nxt = int(np.argmax(np.asarray(fwd(params, jnp.asarray(buf)))[0, len(seq) - 1]))
             seq.append(nxt)
             out.append(nxt)
         return out
+
     return run
 
 
@@ -75,6 +76,7 @@ def _wait(reqs, timeout=120):
 
 # ---- per-row sampling ----
 
+
 def test_filter_rows_equals_filter_logits_row_by_row():
     """Per-row (k, p), fast path and bisection fallback alike, keep exactly filter_logits' sets."""
     logits = jax.random.normal(jax.random.key(0), (6, 3000)) * jnp.asarray([[0.5], [2], [4], [8], [1], [3]])
@@ -84,7 +86,7 @@ def test_filter_rows_equals_filter_logits_row_by_row():
     for fn in (row_sampling.filter_rows, row_sampling.filter_rows_exact):
         got = np.isfinite(np.asarray(jax.jit(fn)(logits, k, p)))
         for b, (kb, pb) in enumerate(cases):
-            want = np.isfinite(np.asarray(filter_logits(logits[b:b + 1], kb, pb)))[0]
+            want = np.isfinite(np.asarray(filter_logits(logits[b : b + 1], kb, pb)))[0]
             assert np.array_equal(got[b], want), (fn.__name__, b, got[b].sum(), want.sum())
 
 
@@ -99,14 +101,20 @@ def test_sample_rows_mixes_greedy_and_sampled_rows():
     logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]] * 2))
     n = 4000
     keys = jax.random.split(jax.random.key(3), n * 2).reshape(n, 2)
-    fn = jax.jit(jax.vmap(lambda kk: row_sampling.sample_rows(logits, kk, jnp.asarray([0.0, 1.0]),
-                                                              jnp.asarray([0, 0]), jnp.asarray([1.0, 0.8]))))
+    fn = jax.jit(
+        jax.vmap(
+            lambda kk: row_sampling.sample_rows(
+                logits, kk, jnp.asarray([0.0, 1.0]), jnp.asarray([0, 0]), jnp.asarray([1.0, 0.8])
+            )
+        )
+    )
     draws = np.asarray(fn(keys))
     assert set(draws[:, 0].tolist()) == {0}  # greedy row
     # top_p 0.8 keeps the first three; frequencies follow the renormalised nucleus.
     assert set(draws[:, 1].tolist()) == {0, 1, 2}
-    np.testing.assert_allclose(np.bincount(draws[:, 1], minlength=3)[:3] / n, np.array([0.5, 0.2, 0.15]) / 0.85,
-                               atol=0.03)
+    np.testing.assert_allclose(
+        np.bincount(draws[:, 1], minlength=3)[:3] / n, np.array([0.5, 0.2, 0.15]) / 0.85, atol=0.03
+    )
 
 
 def test_draw_follows_the_distribution_and_skips_filtered_tokens():
@@ -119,6 +127,7 @@ def test_draw_follows_the_distribution_and_skips_filtered_tokens():
 
 
 # ---- the engine ----
+
 
 def test_alone_equals_generator_and_the_full_forward(engine, gen, reference, prompts):
     for p in prompts[:3]:
@@ -142,8 +151,10 @@ def test_busy_batch_equals_alone(engine, reference, prompts):
 
 
 def test_seeded_sampling_is_the_same_alone_or_batched(engine, prompts):
-    params = [SamplingParams(max_tokens=15, temperature=1.0, top_k=k, top_p=p, seed=i)
-              for i, (k, p) in enumerate([(0, 1.0), (50, 1.0), (0, 0.9), (20, 0.95), (0, 1.0), (5, 0.5)])]
+    params = [
+        SamplingParams(max_tokens=15, temperature=1.0, top_k=k, top_p=p, seed=i)
+        for i, (k, p) in enumerate([(0, 1.0), (50, 1.0), (0, 0.9), (20, 0.95), (0, 1.0), (5, 0.5)])
+    ]
     alone = [engine.generate(p, sp).tokens for p, sp in zip(prompts, params)]
     batched = _wait([engine.submit(p, sp) for p, sp in zip(prompts, params)])
     assert [r.tokens for r in batched] == alone
@@ -176,7 +187,7 @@ def test_stop_tokens_stop_and_free_the_slot(model, reference, prompts):
     stop = greedy[4]
     with Engine(model, max_batch=4, stop_ids=(stop,)) as eng:
         r = eng.generate(prompts[0], GREEDY)
-        assert r.finish_reason == "stop" and r.tokens == greedy[:greedy.index(stop)]
+        assert r.finish_reason == "stop" and r.tokens == greedy[: greedy.index(stop)]
         assert r.generated == len(r.tokens) + 1  # the stop token is counted, not returned
         assert eng.active_count() == 0
 
@@ -184,8 +195,9 @@ def test_stop_tokens_stop_and_free_the_slot(model, reference, prompts):
 def test_cancel_frees_the_slot_for_the_queue(model, prompts):
     seen = []
     with Engine(model, max_batch=4, stop_ids=()) as eng:  # max_batch as the module's engine: no recompiles
-        long = eng.submit(prompts[0], SamplingParams(max_tokens=63, temperature=0),
-                          listener=lambda r, t: seen.append(t))
+        long = eng.submit(
+            prompts[0], SamplingParams(max_tokens=63, temperature=0), listener=lambda r, t: seen.append(t)
+        )
         others = [eng.submit(p, SamplingParams(max_tokens=63, temperature=0)) for p in prompts[1:4]]
         queued = eng.submit(prompts[4], GREEDY)
         while not seen:
@@ -216,6 +228,7 @@ def test_listener_sees_tokens_in_order_then_none(engine, prompts):
         got.append(tok)
         if tok is None:
             done.set()
+
     r = engine.submit(prompts[2], GREEDY, listener=listener)
     assert done.wait(60)
     assert got == r.tokens + [None]

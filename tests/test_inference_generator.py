@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from fgpt_jax.inference.generator import Generator, TextStreamer
-from fgpt_jax.model import GPT, GPTConfig, init_cache
 from fgpt_jax.inference.sampling import filter_logits, sample_token
+from fgpt_jax.model import GPT, GPTConfig, init_cache
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,9 @@ def full_forward(model):
 
     def run(seq):
         buf = np.zeros((1, model.config.block_size), np.int32)
-        buf[0, :len(seq)] = seq
-        return np.asarray(fwd(params, jnp.asarray(buf))[0, :len(seq)])
+        buf[0, : len(seq)] = seq
+        return np.asarray(fwd(params, jnp.asarray(buf))[0, : len(seq)])
+
     return run
 
 
@@ -41,7 +42,7 @@ def test_kv_cache_logits_equal_full_forward(model, full_forward):
     seqs = [rng.integers(0, 50257, n + n_new) for n in lengths]
     prompt = np.zeros((3, P), np.int32)
     for b, (s, n) in enumerate(zip(seqs, lengths)):
-        prompt[b, P - n:] = s[:n]
+        prompt[b, P - n :] = s[:n]
     graphdef, params = nnx.split(model)
     decode = jax.jit(lambda p, x, c: nnx.merge(graphdef, p).decode(x, c))
     cache = init_cache(model.config, 3, 32, start_B=[P - n for n in lengths])
@@ -49,11 +50,11 @@ def test_kv_cache_logits_equal_full_forward(model, full_forward):
     steps = []
     for i in range(n_new):
         tok = np.asarray([s[n + i] for s, n in zip(seqs, lengths)], np.int32)[:, None]
-        l, cache = decode(params, jnp.asarray(tok), cache)
-        steps.append(np.asarray(l[:, 0]))
+        logits, cache = decode(params, jnp.asarray(tok), cache)
+        steps.append(np.asarray(logits[:, 0]))
     for b, (s, n) in enumerate(zip(seqs, lengths)):
         full = full_forward(s)  # [n + n_new, V]
-        np.testing.assert_allclose(np.asarray(logits_prefill[b, P - n:]), full[:n], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(logits_prefill[b, P - n :]), full[:n], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.stack([x[b] for x in steps]), full[n:], rtol=1e-5, atol=1e-5)
 
 
@@ -61,7 +62,7 @@ def _greedy_reference(full_forward, prompt, n):
     seq = list(prompt)
     for _ in range(n):
         seq.append(int(np.argmax(full_forward(seq)[-1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_greedy_is_deterministic_and_matches_full_forward(model, full_forward):
@@ -95,7 +96,7 @@ def test_stop_tokens_stop(model):
     first_hit = greedy.index(third)
     gen = Generator.from_model(model, stop_ids=(third,))
     out = gen.generate([prompt], 10, temperature=0)[0]
-    assert out == greedy[:first_hit + 1] and out[-1] == third
+    assert out == greedy[: first_hit + 1] and out[-1] == third
     assert list(gen.stream(prompt, 10, temperature=0)) == out
     # In a batch, a stopped row stops while the others go on.
     rows = gen.generate([prompt, [15496, 995]], 10, temperature=0)
@@ -121,8 +122,9 @@ def test_top_p_never_leaves_the_nucleus():
     draws = np.asarray(jax.vmap(lambda k: sample_token(logits, k, temperature=1.0, top_p=0.8))(keys)).ravel()
     assert set(draws.tolist()) == {0, 1, 2}
     # Frequencies follow the renormalised nucleus (0.5, 0.2, 0.15) / 0.85.
-    np.testing.assert_allclose(np.bincount(draws, minlength=3)[:3] / len(draws), np.array([0.5, 0.2, 0.15]) / 0.85,
-                               atol=0.04)
+    np.testing.assert_allclose(
+        np.bincount(draws, minlength=3)[:3] / len(draws), np.array([0.5, 0.2, 0.15]) / 0.85, atol=0.04
+    )
 
 
 def test_temperature_zero_is_argmax():
@@ -160,12 +162,29 @@ def test_generates_past_the_context(model, full_forward):
     L = model.config.block_size
     gen = Generator.from_model(model, stop_ids=())
     assert gen.keep == L // 2
-    prompt = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 383, 2068, 7586, 21831, 18045, 625]  # 16: no pad
+    prompt = [
+        464,
+        2068,
+        7586,
+        21831,
+        18045,
+        625,
+        262,
+        16931,
+        3290,
+        13,
+        383,
+        2068,
+        7586,
+        21831,
+        18045,
+        625,
+    ]  # 16: no pad
     out = gen.generate([prompt], max_new_tokens=200, temperature=0)[0]
     assert len(out) == 200
     assert list(gen.stream(prompt, max_new_tokens=200, temperature=0)) == out
     assert out == _sliding_reference(full_forward, prompt, 200, L, L // 2)
-    assert out[:L - len(prompt)] == _greedy_reference(full_forward, prompt, L - len(prompt))
+    assert out[: L - len(prompt)] == _greedy_reference(full_forward, prompt, L - len(prompt))
     # A 4-token prompt sits in the same 16-slot bucket: its first window is 12 tokens shorter.
     short = prompt[:4]
     out = gen.generate([short], max_new_tokens=200, temperature=0)[0]
@@ -213,6 +232,7 @@ def test_top_k_past_the_vocabulary_keeps_all():
 
 def test_text_streamer_holds_split_characters():
     from fgpt_jax.tokenizer import get_tokenizer
+
     tok = get_tokenizer()
     ids = tok.encode("café 🙂 ok")
     s = TextStreamer()
@@ -224,19 +244,66 @@ def test_text_streamer_holds_split_characters():
 def test_generate_cli_on_trained_run(tmp_path):
     from fgpt_jax.config import apply_overrides, load_config
     from fgpt_jax.train import train
-    cfg = apply_overrides(load_config("tiny"), ["model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-                                                "model.block_size=32", "train.steps=2", "train.batch_size=2",
-                                                "train.eval_every=0", "train.sample_tokens=4"])
+
+    cfg = apply_overrides(
+        load_config("tiny"),
+        [
+            "model.n_layer=1",
+            "model.n_embd=32",
+            "model.n_head=2",
+            "model.block_size=32",
+            "train.steps=2",
+            "train.batch_size=2",
+            "train.eval_every=0",
+            "train.sample_tokens=4",
+        ],
+    )
     train(cfg, tmp_path / "run")
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.generate", "--run", str(tmp_path / "run"), "--prompt",
-                        "Once upon a time", "--max-new-tokens", "8", "--temperature", "0"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgpt_jax.generate",
+            "--run",
+            str(tmp_path / "run"),
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("Once upon a time") and len(r.stdout) > len("Once upon a time")
-    r2 = subprocess.run([sys.executable, "-m", "fgpt_jax.generate", "--run", str(tmp_path / "run"), "--prompt",
-                         "Once upon a time", "--max-new-tokens", "8", "--temperature", "0", "--num-samples", "2"],
-                        capture_output=True, text=True, timeout=120)
+    r2 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgpt_jax.generate",
+            "--run",
+            str(tmp_path / "run"),
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--num-samples",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r2.returncode == 0 and len(r2.stdout.strip().splitlines()) == 2
-    bad = subprocess.run([sys.executable, "-m", "fgpt_jax.generate", "--run", str(tmp_path / "nope"), "--prompt", "x"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "fgpt_jax.generate", "--run", str(tmp_path / "nope"), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nope" in bad.stderr

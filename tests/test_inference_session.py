@@ -1,6 +1,5 @@
 """ChatSession: a conversation kept within the context."""
 
-
 import pytest
 from flax import nnx
 
@@ -18,7 +17,10 @@ def generator():
 def test_chat_session_trims_oldest_turns(generator):
     s = ChatSession(generator, system="Be brief.", max_new_tokens=16, temperature=0)
     for i in range(6):
-        s.history += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i}"}]
+        s.history += [
+            {"role": "user", "content": f"question {i} " * 3},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
     s.history.append({"role": "user", "content": "last one"})
     ids = s.context_ids()
     assert len(ids) <= 64 - 16
@@ -47,8 +49,9 @@ def test_answers_longer_than_the_context(generator):
     s = ChatSession(no_stops, max_new_tokens=100, temperature=0)
     assert s.reserve == 32
     answer = "".join(s.reply("Tell me a long story."))
-    ids = get_tokenizer().render_chat([{"role": "user", "content": "Tell me a long story."}],
-                                      add_generation_prompt=True)[0]
+    ids = get_tokenizer().render_chat(
+        [{"role": "user", "content": "Tell me a long story."}], add_generation_prompt=True
+    )[0]
     assert len(ids) <= 64 - 32
     assert answer == get_tokenizer().decode(no_stops.generate([ids], 100, temperature=0)[0])
     assert s.history[-1] == {"role": "assistant", "content": answer}

@@ -43,6 +43,7 @@ def test_eval_val_reproduces_the_trainers_number(legacy, capsys):
 def test_generates(legacy):
     from fgpt_jax.inference.generator import Generator
     from fgpt_jax.tokenizer import get_tokenizer
+
     model, _ = load_model(legacy)
     out = Generator.from_model(model).generate([get_tokenizer().encode("ROMEO:")], 5, temperature=0)
     assert len(out[0]) >= 1
@@ -52,6 +53,7 @@ def test_resumes_and_continues_the_same_stream(legacy, tmp_path):
     """Resuming the 0.1 checkpoint restores optimizer and loader state; two more steps train."""
     cfg = load_run_config(legacy)
     import dataclasses
+
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=6))
     last = train(longer, legacy, resume=True)
     assert last["step"] == 6 and np.isfinite(last["train/loss"])

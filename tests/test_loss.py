@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fgpt_jax import sharding as shd
 from fgpt_jax.config import apply_overrides, load_config
 from fgpt_jax.data import Batch
 from fgpt_jax.loss import fused_loss_sum, lm_loss_sums, make_eval_step, token_losses
 from fgpt_jax.model import GPT, GPTConfig, tied_head
-from fgpt_jax import sharding as shd
 from fgpt_jax.train.step import build_setup
 
 CFG = GPTConfig.preset("tiny", n_layer=1, block_size=32)
@@ -99,8 +99,10 @@ def test_train_step_with_chunked_loss_matches():
     """The real jitted step (2 scanned micro-batches, AdamW), two steps: the same losses and
     gradient norms. (Parameters are not compared: Adam's first update is lr * sign(g), which turns
     float32 rounding of a near-zero gradient into a full-size difference.)"""
-    base = apply_overrides(load_config("tiny"), ["model.n_layer=1", "model.block_size=16", "train.batch_size=4",
-                                                 "train.grad_accum=2", "optim.name=adamw"])
+    base = apply_overrides(
+        load_config("tiny"),
+        ["model.n_layer=1", "model.block_size=16", "train.batch_size=4", "train.grad_accum=2", "optim.name=adamw"],
+    )
     mesh = shd.make_mesh()
     batch = Batch.of_tokens(np.random.default_rng(3).integers(0, 50257, (2, 2, 17), dtype=np.int32))
     out = []

@@ -38,7 +38,7 @@ def test_writer_truncates_on_resume(tmp_path):
     w = MetricsWriter(RunDir(tmp_path), keep_through=3)
     w.log(4, {"train/loss": 1.0})
     w.close()
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["train/loss"] == 1.0
 
 
@@ -61,7 +61,9 @@ def test_fresh_start_drops_an_earlier_attempts_entries(tmp_path):
 
 
 def test_read_metrics_skips_what_is_not_a_step_object(tmp_path):
-    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1, "x": 1}\n[1, 2]\n"text"\n{"step": "2"}\n\xff\xfe\n{"step": 3}\n')
+    (tmp_path / "metrics.jsonl").write_bytes(
+        b'{"step": 1, "x": 1}\n[1, 2]\n"text"\n{"step": "2"}\n\xff\xfe\n{"step": 3}\n'
+    )
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 3]
 
 

@@ -37,7 +37,14 @@ def test_param_counts_match_openai_gpt2(name):
 
 def test_fgpt_shape():
     cfg = GPTConfig.preset("fgpt")
-    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size, cfg.head_dim) == (32, 24, 1248, 1024, 50304, 52)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size, cfg.head_dim) == (
+        32,
+        24,
+        1248,
+        1024,
+        50304,
+        52,
+    )
 
 
 def test_logits_shape_dtype(tiny_model, tiny_config):
@@ -51,10 +58,10 @@ def test_causality(tiny_model, tiny_config):
     a = rng.integers(0, 50257, (1, tiny_config.block_size), dtype=np.int32)
     t = 11
     b = a.copy()
-    b[0, t + 1:] = rng.integers(0, 50257, tiny_config.block_size - t - 1)
+    b[0, t + 1 :] = rng.integers(0, 50257, tiny_config.block_size - t - 1)
     la, lb = tiny_model(jnp.asarray(a)), tiny_model(jnp.asarray(b))
-    np.testing.assert_array_equal(np.asarray(la[0, :t + 1]), np.asarray(lb[0, :t + 1]))
-    assert not np.allclose(la[0, t + 1:], lb[0, t + 1:])
+    np.testing.assert_array_equal(np.asarray(la[0, : t + 1]), np.asarray(lb[0, : t + 1]))
+    assert not np.allclose(la[0, t + 1 :], lb[0, t + 1 :])
 
 
 def _reference_attention(q, k, v):
@@ -89,7 +96,7 @@ def _np_layernorm(x, g, b):
 
 
 def _np_gelu(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def test_forward_matches_numpy_reference(tiny_model, tiny_config):
@@ -145,6 +152,7 @@ def _loss_and_grads(model, tokens):
         logits = m(tokens[:, :-1])
         logp = jax.nn.log_softmax(logits)
         return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+
     return nnx.jit(nnx.value_and_grad(loss_fn))(model)
 
 
@@ -155,7 +163,9 @@ def test_remat_same_loss_and_grads(tiny_config):
     l1, g1 = _loss_and_grads(plain, tokens)
     l2, g2 = _loss_and_grads(remat, tokens)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), nnx.to_pure_dict(g1), nnx.to_pure_dict(g2))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), nnx.to_pure_dict(g1), nnx.to_pure_dict(g2)
+    )
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(tiny_config):
@@ -180,12 +190,15 @@ def test_too_long_sequence(tiny_model, tiny_config):
         tiny_model(jnp.zeros((1, tiny_config.block_size + 1), jnp.int32))
 
 
-@pytest.mark.parametrize("kwargs,err", [
-    (dict(n_embd=100, n_head=3), "divisible"),
-    (dict(dtype="fp8"), "dtype"),
-    (dict(attention="flash"), "attention"),
-    (dict(n_layer=0), "n_layer"),
-])
+@pytest.mark.parametrize(
+    "kwargs,err",
+    [
+        (dict(n_embd=100, n_head=3), "divisible"),
+        (dict(dtype="fp8"), "dtype"),
+        (dict(attention="flash"), "attention"),
+        (dict(n_layer=0), "n_layer"),
+    ],
+)
 def test_config_validation(kwargs, err):
     with pytest.raises(ValueError, match=err):
         GPTConfig(**kwargs)
@@ -260,6 +273,7 @@ def test_scan_layers_same_logits_and_grads(tiny_config, remat):
 def test_scan_layers_model_decodes_like_its_forward(tiny_config):
     """decode (the KV-cache path, an unrolled loop) and the scanned training forward agree."""
     from fgpt_jax.model import init_cache
+
     model = GPT(dataclasses.replace(tiny_config, n_layer=2, scan_layers=True), rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, 50257, (2, 9)), jnp.int32)
     full = model(tokens)

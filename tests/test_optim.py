@@ -94,10 +94,16 @@ def test_schedule_shapes():
     assert all(a >= b - 1e-7 for a, b in zip(vals[30:], vals[31:]))  # monotone decay
 
 
-@pytest.mark.parametrize("kwargs,err", [
-    (dict(name="sgd"), "name"), (dict(lr=0.0), "lr"), (dict(min_lr_ratio=2.0), "min_lr_ratio"),
-    (dict(warmup_steps=-1), "warmup_steps"), (dict(schedule="step"), "schedule"),
-])
+@pytest.mark.parametrize(
+    "kwargs,err",
+    [
+        (dict(name="sgd"), "name"),
+        (dict(lr=0.0), "lr"),
+        (dict(min_lr_ratio=2.0), "min_lr_ratio"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(schedule="step"), "schedule"),
+    ],
+)
 def test_optim_config_validation(kwargs, err):
     with pytest.raises(ValueError, match=err):
         OptimConfig(**kwargs)
@@ -105,10 +111,13 @@ def test_optim_config_validation(kwargs, err):
 
 # -- FGPT's optimizer, step for step against torch.optim.Muon + torch.optim.AdamW ------------------
 
+
 def _fgpt_optim(**overrides) -> OptimConfig:
     """The fgpt preset's optimizer at a constant learning rate (the schedule is tested elsewhere)."""
-    from fgpt_jax.config import load_config
     import dataclasses
+
+    from fgpt_jax.config import load_config
+
     cfg = load_config("fgpt").optim
     return dataclasses.replace(cfg, warmup_steps=0, plateau_steps=0, min_lr_ratio=1.0, **overrides)
 
@@ -126,19 +135,24 @@ def _torch_vs_ours(ocfg: OptimConfig, steps: int = 110, compare_from: int = 100)
     update = jax.jit(tx.update)
     # torch keeps Linear weights as (out, in): transpose our (in, out) kernels.
     flip = lambda name: name.endswith("/kernel")  # noqa: E731
-    tp = {n: torch.nn.Parameter(torch.tensor(np.asarray(x).T.copy() if flip(n) else np.asarray(x)))
-          for n, x in named_leaves(params).items()}
-    muon = torch.optim.Muon([tp[n] for n in names if labels[n] == "muon"], lr=ocfg.muon_lr,
-                            weight_decay=0.1, momentum=0.95)  # FGPT: torch.optim.Muon(hidden, lr=0.03)
-    adamw = torch.optim.AdamW([tp[n] for n in names if labels[n] == "adamw"], lr=ocfg.lr, betas=(0.9, 0.95),
-                              eps=1e-8, weight_decay=0.1)
+    tp = {
+        n: torch.nn.Parameter(torch.tensor(np.asarray(x).T.copy() if flip(n) else np.asarray(x)))
+        for n, x in named_leaves(params).items()
+    }
+    muon = torch.optim.Muon(
+        [tp[n] for n in names if labels[n] == "muon"], lr=ocfg.muon_lr, weight_decay=0.1, momentum=0.95
+    )  # FGPT: torch.optim.Muon(hidden, lr=0.03)
+    adamw = torch.optim.AdamW(
+        [tp[n] for n in names if labels[n] == "adamw"], lr=ocfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1
+    )
     rng = np.random.default_rng(0)
     diffs = {"muon": [], "adamw_matrix": [], "adamw_vector": []}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     for k in range(steps):
         g = {n: rng.normal(0, 0.02, np.asarray(x).shape).astype(np.float32) for n, x in named_leaves(params).items()}
-        grads = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params),
-                                             [jnp.asarray(g[n]) for n in named_leaves(params)])
+        grads = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(params), [jnp.asarray(g[n]) for n in named_leaves(params)]
+        )
         before_t = {n: p.detach().numpy().copy() for n, p in tp.items()}
         for n, p in tp.items():
             p.grad = torch.tensor(g[n].T.copy() if flip(n) else g[n])
@@ -211,9 +225,19 @@ def test_restart_schedule_resets_schedules_only():
     assert any(int(np.asarray(x)) == 3 for x in kept if np.ndim(x) == 0)
 
 
-@pytest.mark.parametrize("field,value", [("lr", float("nan")), ("muon_lr", float("inf")), ("beta1", 1.5),
-                                         ("beta2", -0.1), ("eps", -1e-8), ("weight_decay", float("nan")),
-                                         ("ns_steps", 0), ("muon_momentum", 1.0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("lr", float("nan")),
+        ("muon_lr", float("inf")),
+        ("beta1", 1.5),
+        ("beta2", -0.1),
+        ("eps", -1e-8),
+        ("weight_decay", float("nan")),
+        ("ns_steps", 0),
+        ("muon_momentum", 1.0),
+    ],
+)
 def test_optim_config_refuses_nonsense(field, value):
     with pytest.raises(ValueError, match=field):
         OptimConfig(**{field: value})

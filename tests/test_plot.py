@@ -13,8 +13,9 @@ from fgpt_jax.rundir import RunDir
 
 def plot_cli(*args):
     """The real `python -m fgpt_jax.plot` (a subprocess: exit status, stdout, stderr as a user sees them)."""
-    return subprocess.run([sys.executable, "-m", "fgpt_jax.plot", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fgpt_jax.plot", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def plot_main(capsys, *args):
@@ -50,12 +51,15 @@ def test_plot_cli(run, tmp_path):
     assert r.returncode == 2 and "metrics.jsonl: not found" in r.stderr
 
 
-@pytest.mark.parametrize("content, expected", [
-    (b'{"step": 1, "train/loss": 3.0}\n\xff\xfe{"step": 2}\n', "metrics.jsonl:2: not UTF-8 text"),
-    (b"[1, 2]\n[3, 4]\n", 'metrics.jsonl: no metrics (expected JSON objects with an integer "step"'),
-    (b'"text"\n', "metrics.jsonl: no metrics"),
-    (b"", "metrics.jsonl: no metrics"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b'{"step": 1, "train/loss": 3.0}\n\xff\xfe{"step": 2}\n', "metrics.jsonl:2: not UTF-8 text"),
+        (b"[1, 2]\n[3, 4]\n", 'metrics.jsonl: no metrics (expected JSON objects with an integer "step"'),
+        (b'"text"\n', "metrics.jsonl: no metrics"),
+        (b"", "metrics.jsonl: no metrics"),
+    ],
+)
 def test_bad_metrics_one_line(tmp_path, capsys, content, expected):
     (tmp_path / "metrics.jsonl").write_bytes(content)
     code, out, err = plot_main(capsys, "--run", tmp_path)
@@ -64,11 +68,14 @@ def test_bad_metrics_one_line(tmp_path, capsys, content, expected):
     assert not (tmp_path / "curves.png").exists()
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("curves.xyz", "unknown image extension '.xyz'; expected one of "),
-    ("curves", "no image extension; expected one of "),
-    ("missing/curves.png", "directory"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("curves.xyz", "unknown image extension '.xyz'; expected one of "),
+        ("curves", "no image extension; expected one of "),
+        ("missing/curves.png", "directory"),
+    ],
+)
 def test_bad_out_one_line(run, tmp_path, capsys, name, expected):
     code, out, err = plot_main(capsys, "--run", run, "--out", tmp_path / name)
     assert code == 2 and out == ""

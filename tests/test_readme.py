@@ -52,8 +52,11 @@ def test_quickstart_runs_as_written(tmp_path):
         assert argv[0] == "python"
         argv[0] = sys.executable  # the interpreter of the user's activated environment
     # This checkout's code whatever the environment's install points at; FGPT_JAX_CACHE is conftest's.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
 
     train = subprocess.run(argvs[0], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr[-2000:]
@@ -67,8 +70,10 @@ def test_quickstart_runs_as_written(tmp_path):
         assert (run / name).stat().st_size > 0
 
     # The other commands only read the run: run them side by side.
-    procs = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for argv in argvs[1:]]
+    procs = [
+        subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for argv in argvs[1:]
+    ]
     (plot_out, plot_err), (gen_out, gen_err), (eval_out, eval_err) = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], (plot_err + gen_err + eval_err)[-2000:]
 
@@ -82,6 +87,7 @@ def test_quickstart_runs_as_written(tmp_path):
 
     # What `tensorboard --logdir runs/tiny/tb` shows: the scalars and the text samples the README names.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     assert {"train/loss", "lr", "grad_norm", "tokens_per_sec", "val/loss"} <= set(acc.Tags()["scalars"])

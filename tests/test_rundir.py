@@ -10,7 +10,10 @@ import pytest
 from fgpt_jax.config import Config
 from fgpt_jax.rundir import RunDir, RunDirError
 
-HOLD = "import sys, time; from fgpt_jax.rundir import RunDir\nwith RunDir(sys.argv[1]).lock():\n    print('held', flush=True); time.sleep(60)"
+HOLD = (
+    "import sys, time; from fgpt_jax.rundir import RunDir\n"
+    "with RunDir(sys.argv[1]).lock():\n    print('held', flush=True); time.sleep(60)"
+)
 
 
 def _holder(path):

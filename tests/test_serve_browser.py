@@ -13,31 +13,40 @@ import threading
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"{CHROMIUM} not installed (Debian: apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not installed (Debian: apt-get install chromium)"
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from flax import nnx
+
     from fgpt_jax.checkpoint import save_model
     from fgpt_jax.config import Config
     from fgpt_jax.data import DataConfig
     from fgpt_jax.model import GPT, GPTConfig
+
     # The page needs a working model, not a good one: a random-init instruction-tuned-format run.
     run = tmp_path_factory.mktemp("browser") / "chat-run"
     shape = GPTConfig.preset("tiny", n_layer=1, n_embd=64, n_head=2, block_size=128)
-    save_model(run, GPT(shape, rngs=nnx.Rngs(0)), Config(model=shape, data=dataclasses.replace(DataConfig(), format="chat")))
+    save_model(
+        run, GPT(shape, rngs=nnx.Rngs(0)), Config(model=shape, data=dataclasses.replace(DataConfig(), format="chat"))
+    )
     log = open(run.parent / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "fgpt_jax.serve", "--run", str(run), "--port", "0", "--max-batch", "2"],
-                            stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fgpt_jax.serve", "--run", str(run), "--port", "0", "--max-batch", "2"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
         url = lines.get(timeout=300).split(" at ")[1].split()[0]
     except queue.Empty:
         proc.kill()
-        raise AssertionError(open(run.parent / "server.log").read()[-2000:])
+        raise AssertionError(open(run.parent / "server.log").read()[-2000:]) from None
     yield url
     proc.send_signal(signal.SIGINT)
     proc.wait(60)
@@ -47,8 +56,10 @@ def server(tmp_path_factory):
 def page(server):
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
+        )
         pg = browser.new_page()
         pg.requested = []
         pg.on("request", lambda r: pg.requested.append(r.url))

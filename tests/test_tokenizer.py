@@ -30,10 +30,18 @@ def test_special_strings_are_plain_text(tok, name):
     assert tok.decode(ids) == f"a {name} b"
 
 
-@pytest.mark.parametrize("text", [
-    "", "Hello world", "  leading and trailing  ", "tabs\tand\nnewlines\r\n",
-    "naïve café — “quotes” 日本語 🙂👍🏽", "<|endoftext|><|assistant|>", "x" * 5000,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "Hello world",
+        "  leading and trailing  ",
+        "tabs\tand\nnewlines\r\n",
+        "naïve café — “quotes” 日本語 🙂👍🏽",
+        "<|endoftext|><|assistant|>",
+        "x" * 5000,
+    ],
+)
 def test_roundtrip(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
@@ -65,11 +73,24 @@ def test_render_chat_template_and_mask(tok):
     ids, mask = tok.render_chat(msgs)
     E, S, U, A, END = 50256, 50259, 50257, 50258, 50260
     enc = tok.encode
-    expected = ([E, S] + enc("Be brief.") + [END, U] + enc("Hi") + [END, A] + enc("Hello!") + [END, U]
-                + enc("2+2?") + [END, A] + enc("4") + [END])
+    expected = (
+        [E, S]
+        + enc("Be brief.")
+        + [END, U]
+        + enc("Hi")
+        + [END, A]
+        + enc("Hello!")
+        + [END, U]
+        + enc("2+2?")
+        + [END, A]
+        + enc("4")
+        + [END]
+    )
     assert ids == expected
-    assert tok.decode(ids) == ("<|endoftext|><|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|>"
-                               "<|user|>2+2?<|end|><|assistant|>4<|end|>")
+    assert tok.decode(ids) == (
+        "<|endoftext|><|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|>"
+        "<|user|>2+2?<|end|><|assistant|>4<|end|>"
+    )
     # Mask: exactly the assistant content and its closing <|end|>.
     on = [i for i, m in enumerate(mask) if m]
     a1 = ids.index(A) + 1
@@ -93,11 +114,14 @@ def test_generation_prompt(tok):
     assert ids[-1] == tok.assistant_id and mask[-1] == 0
 
 
-@pytest.mark.parametrize("msgs,err", [
-    ([{"role": "bot", "content": "x"}], "role 'bot'"),
-    ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], "system message may only come first"),
-    ([{"role": "user", "content": 3}], "content must be a string"),
-])
+@pytest.mark.parametrize(
+    "msgs,err",
+    [
+        ([{"role": "bot", "content": "x"}], "role 'bot'"),
+        ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], "system message may only come first"),
+        ([{"role": "user", "content": 3}], "content must be a string"),
+    ],
+)
 def test_render_chat_errors(tok, msgs, err):
     with pytest.raises(ValueError, match=err):
         tok.render_chat(msgs)

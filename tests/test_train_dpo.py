@@ -62,7 +62,7 @@ def test_dpo_losses_match_the_formulas(beta, eps, kind):
     for g, want in zip(got, _reference_losses(pc, pr, rc, rr, beta, eps, kind)):
         np.testing.assert_allclose(np.asarray(g), want, rtol=2e-5, atol=2e-5)
     same = dpo_losses(pc, pr, pc, pr, beta, eps, kind)  # policy = reference
-    want0 = LN2 if kind == "sigmoid" else 1 / (4 * beta ** 2)
+    want0 = LN2 if kind == "sigmoid" else 1 / (4 * beta**2)
     np.testing.assert_allclose(np.asarray(same[0]), want0, rtol=1e-6)
     assert not np.asarray(same[1]).any() and not np.asarray(same[2]).any()
 
@@ -72,8 +72,9 @@ def tiny():
     """A 1-layer GPT and a batch of 3 real pairs (and one padding pair), T = 32."""
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
     graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    data = build_preference_data(load_pairs(str(DEMO), limit=12), 32, max_prompt_tokens=12, max_response_tokens=16,
-                                 truncate=True, val_fraction=0)
+    data = build_preference_data(
+        load_pairs(str(DEMO), limit=12), 32, max_prompt_tokens=12, max_response_tokens=16, truncate=True, val_fraction=0
+    )
     assert data.train.num_records >= 3
     rows = Rows(data.train.tokens[:6], data.train.mask[:6], 3)
     mesh = shd.make_mesh()
@@ -133,12 +134,16 @@ def test_gradient_equals_finite_differences(tiny):
         f = jax.jit(lambda p: _mean_loss(graphdef, objective, p, batch)[0])
         grads = jax.grad(f)(params)
         keys = jax.random.split(jax.random.key(0), 2 * len(leaves)).reshape(2, len(leaves))
-        directions = [unit(grads)] + [unit(jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape)
-                                                                        for k, x in zip(ks, leaves)])) for ks in keys]
+        directions = [unit(grads)] + [
+            unit(jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(ks, leaves)]))
+            for ks in keys
+        ]
         for i, u in enumerate(directions):
             eps = 1e-3 if i == 0 else 0.3  # along the gradient the loss moves fast: stay in its linear range
-            fd = (f(jax.tree.map(lambda p, d: p + eps * d, params, u))
-                  - f(jax.tree.map(lambda p, d: p - eps * d, params, u))) / (2 * eps)
+            fd = (
+                f(jax.tree.map(lambda p, d: p + eps * d, params, u))
+                - f(jax.tree.map(lambda p, d: p - eps * d, params, u))
+            ) / (2 * eps)
             analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(u)))
             assert float(fd) == pytest.approx(float(analytic), rel=1e-2 if i == 0 else 4e-2), (objective, i)
 
@@ -164,11 +169,13 @@ def _sgd_steps(tiny, accum, steps=2):
     ocfg = OptimConfig(name="adamw", warmup_steps=1)
     tx = optax.sgd(1.0)  # the update is the gradient: accumulation must give the same one
     state = init_train_state(nnx.merge(graphdef, jax.tree.map(jnp.array, params)), tx, 0)  # the step donates it
-    step = make_train_step(graphdef, tx, functools.partial(optim.learning_rates, ocfg, 10),
-                           objective=dpo_objective(0.1))
+    step = make_train_step(
+        graphdef, tx, functools.partial(optim.learning_rates, ocfg, 10), objective=dpo_objective(0.1)
+    )
     shift = jnp.asarray([0.0, 0.0, 3.0, -2.0, -1.0, 1.5, 0.0, 0.0], jnp.float32)
-    b = PreferenceBatch(*(jnp.asarray(x).reshape(accum, -1, *x.shape[1:]) for x in
-                          (batch.tokens, batch.mask, batch.ref_logp + shift)))
+    b = PreferenceBatch(
+        *(jnp.asarray(x).reshape(accum, -1, *x.shape[1:]) for x in (batch.tokens, batch.mask, batch.ref_logp + shift))
+    )
     out = []
     for _ in range(steps):
         state, m = step(state, b)
@@ -191,22 +198,57 @@ def test_train_step_accumulation_equals_one_batch(tiny):
 
 # -- through the trainer: pretrain -> SFT -> DPO on the real pairs ------------------------------------
 MODEL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.block_size=64"]
-DPO = [f"data.path={DEMO}", "data.max_prompt_tokens=32", "data.max_response_tokens=32", "data.val_fraction=0.2",
-       "train.batch_size=8", "train.log_every=5", "train.ckpt_every=0", "train.sample_tokens=4", "optim.lr=1e-3",
-       "optim.warmup_steps=2"]
+DPO = [
+    f"data.path={DEMO}",
+    "data.max_prompt_tokens=32",
+    "data.max_response_tokens=32",
+    "data.val_fraction=0.2",
+    "train.batch_size=8",
+    "train.log_every=5",
+    "train.ckpt_every=0",
+    "train.sample_tokens=4",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     """A tiny model pretrained on the bundled sample, then instruction-tuned: DPO's starting point."""
     base, sft = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("sft")
-    train(apply_overrides(load_config("tiny"), MODEL + ["train.steps=20", "train.batch_size=8", "train.eval_every=0",
-                                                        "train.sample_tokens=4", "optim.warmup_steps=2"]), base)
-    train(resolve_config("sft", [f"init_from={base}", f"data.path={DATA / 'instruction-examples.json'}",
-                                 "data.max_prompt_tokens=0", "data.max_response_tokens=0", "train.steps=30",
-                                 "train.batch_size=8", "train.eval_every=0", "train.ckpt_every=0",
-                                 "train.sample_tokens=4",
-                                 "optim.lr=2e-3", "optim.warmup_steps=2"]), sft)
+    train(
+        apply_overrides(
+            load_config("tiny"),
+            MODEL
+            + [
+                "train.steps=20",
+                "train.batch_size=8",
+                "train.eval_every=0",
+                "train.sample_tokens=4",
+                "optim.warmup_steps=2",
+            ],
+        ),
+        base,
+    )
+    train(
+        resolve_config(
+            "sft",
+            [
+                f"init_from={base}",
+                f"data.path={DATA / 'instruction-examples.json'}",
+                "data.max_prompt_tokens=0",
+                "data.max_response_tokens=0",
+                "train.steps=30",
+                "train.batch_size=8",
+                "train.eval_every=0",
+                "train.ckpt_every=0",
+                "train.sample_tokens=4",
+                "optim.lr=2e-3",
+                "optim.warmup_steps=2",
+            ],
+        ),
+        sft,
+    )
     return sft
 
 
@@ -218,8 +260,11 @@ def dpo_config(sft, *extra):
 def dpo_run(sft_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("dpo")
     per_step = {}
-    last = train(dpo_config(sft_run, "train.steps=40", "train.eval_every=20"), run,
-                 on_step=lambda step, values: per_step.__setitem__(step, values))
+    last = train(
+        dpo_config(sft_run, "train.steps=40", "train.eval_every=20"),
+        run,
+        on_step=lambda step, values: per_step.__setitem__(step, values),
+    )
     return run, last, per_step
 
 
@@ -237,11 +282,22 @@ def test_dpo_run_learns_the_preferences(dpo_run, sft_run):
     assert accuracy > 0.8, accuracy  # well above chance on the pairs it trains on
     assert val[40]["val/rewards/margin"] > 0, val[40]  # and it generalises to held-out pairs
     logged = [r for r in rows if "train/loss" in r]
-    assert {"dpo/loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
-            "logps/rejected", "lr", "grad_norm", "tokens_per_sec"} <= set(logged[-1])
+    assert {
+        "dpo/loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "logps/chosen",
+        "logps/rejected",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+    } <= set(logged[-1])
     assert all(r["dpo/loss"] == r["train/loss"] for r in logged)
     assert last["step"] == 40 and last["val/rewards/margin"] == val[40]["val/rewards/margin"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -258,6 +314,7 @@ def test_dpo_run_learns_the_preferences(dpo_run, sft_run):
 
 def load_config_of(run):
     from fgpt_jax.config import load_run_config
+
     return load_run_config(run)
 
 
@@ -270,8 +327,14 @@ def _dpo_values(run):
     return values
 
 
-SHORT = ["data.limit=48", "train.batch_size=4", "train.steps=6", "train.eval_every=3", "train.ckpt_every=3",
-         "train.log_every=1"]
+SHORT = [
+    "data.limit=48",
+    "train.batch_size=4",
+    "train.steps=6",
+    "train.eval_every=3",
+    "train.ckpt_every=3",
+    "train.log_every=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -297,8 +360,10 @@ def test_sigterm_then_resume_is_exact(sft_run, straight, tmp_path):
     reference = (run / REFERENCE_FILE).read_bytes()
     train(cfg, run, resume=True)
     assert _dpo_values(run) == _dpo_values(straight)
-    for a, b in zip(jax.tree.leaves(nnx.state(load_model(straight)[0], nnx.Param)),
-                    jax.tree.leaves(nnx.state(load_model(run)[0], nnx.Param))):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(load_model(straight)[0], nnx.Param)),
+        jax.tree.leaves(nnx.state(load_model(run)[0], nnx.Param)),
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert (run / REFERENCE_FILE).read_bytes() == reference
     log = (run / "train.log").read_text()
@@ -320,20 +385,55 @@ def test_dpo_needs_a_starting_run_and_checks_its_knobs(tmp_path):
 
 def test_cli_bad_preference_file_is_one_line(sft_run, tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"prompt": "Q", "chosen": "A", "rejected": "B"},
-                               {"conversations": [{"from": "human", "value": "Q"}],
-                                "rejected": {"from": "gpt", "value": "A"}}]))
+    bad.write_text(
+        json.dumps(
+            [
+                {"prompt": "Q", "chosen": "A", "rejected": "B"},
+                {"conversations": [{"from": "human", "value": "Q"}], "rejected": {"from": "gpt", "value": "A"}},
+            ]
+        )
+    )
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.train", "--config", "dpo", f"--config.init_from={sft_run}",
-                        f"--config.data.path={bad}", "--run", str(run)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgpt_jax.train",
+            "--config",
+            "dpo",
+            f"--config.init_from={sft_run}",
+            f"--config.data.path={bad}",
+            "--run",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr == f"error: {bad}: record 1: missing 'chosen'\n", r.stderr[-2000:]
     assert not run.exists()
 
 
 def test_chat_takes_the_dpo_run_as_instruction_tuned(dpo_run):
     run = dpo_run[0]
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.chat", "--run", str(run), "--prompt", "Hi",
-                        "--temperature", "0", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgpt_jax.chat",
+            "--run",
+            str(run),
+            "--prompt",
+            "Hi",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]  # no "not instruction-tuned" note
 
 
@@ -343,10 +443,22 @@ def test_two_devices_and_accumulation_match_one_batch(sft_run, straight, tmp_pat
     numbers of one device and one batch."""
     two = tmp_path / "two"
     overrides = [f"init_from={sft_run}", *DPO, *SHORT, "train.grad_accum=2"]
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.train", "--config", "dpo", "--run", str(two),
-                        *[f"--config.{o}" for o in overrides]],
-                       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgpt_jax.train",
+            "--config",
+            "dpo",
+            "--run",
+            str(two),
+            *[f"--config.{o}" for o in overrides],
+        ],
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(2 x 2 pairs x 2 x 64), 2 device(s)" in (two / "train.log").read_text()
     a, b = _dpo_values(straight), _dpo_values(two)

@@ -18,9 +18,18 @@ from fgpt_jax.config import ConfigError, apply_overrides, load_config
 from fgpt_jax.train import TrainingError, train
 from fgpt_jax.train import hooks as H
 
-SMALL = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "train.batch_size=4",
-         "train.log_every=1", "train.eval_every=0", "train.sample_tokens=4", "data.val_windows=8",
-         "optim.warmup_steps=2"]
+SMALL = [
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.block_size=16",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.sample_tokens=4",
+    "data.val_windows=8",
+    "optim.warmup_steps=2",
+]
 
 
 def cfg_of(*extra):
@@ -32,13 +41,17 @@ def steps_of(run):
 
 
 def metric_steps(run):
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-            if "train/loss" in json.loads(line)]
+    return [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in json.loads(line)
+    ]
 
 
 def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "fgpt_jax.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fgpt_jax.train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 def _wait_until(cond, what, timeout=180):
@@ -49,6 +62,7 @@ def _wait_until(cond, what, timeout=180):
 
 
 # -- one writer per run directory ----------------------------------------------------------------
+
 
 def test_second_trainer_refused_and_signals_exit_non_zero(tmp_path):
     run = tmp_path / "run"
@@ -92,6 +106,7 @@ def test_refused_resume_writes_nothing(tmp_path):
 
 
 # -- saves that fail, checkpoints that rot ---------------------------------------------------------
+
 
 class _DiskFull:
     """A write future that fails in the background, as a full disk does after the arrays were copied."""
@@ -144,8 +159,10 @@ def test_bit_flipped_checkpoint_is_refused_and_an_earlier_one_resumes(three_chec
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x10
     victim.write_bytes(bytes(data))
-    for attempt in (lambda: load_model(run),
-                    lambda: train(cfg_of("train.steps=8", "train.keep_checkpoints=3"), run, resume=True)):
+    for attempt in (
+        lambda: load_model(run),
+        lambda: train(cfg_of("train.steps=8", "train.keep_checkpoints=3"), run, resume=True),
+    ):
         with pytest.raises(CheckpointError) as e:
             attempt()
         msg = str(e.value)
@@ -163,14 +180,19 @@ def test_truncated_checkpoint_names_the_fallback(three_checkpoints):
     run = three_checkpoints
     victim = _biggest_file(run / "checkpoints" / "6" / "train")
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.train", "--run", str(run), "--resume",
-                        "--config.train.steps=8"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "fgpt_jax.train", "--run", str(run), "--resume", "--config.train.steps=8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint 6: ") and "--resume --step 4" in lines[0], lines
 
 
 # -- hooks, validation, restarts -------------------------------------------------------------------
+
 
 def test_a_failing_sample_never_costs_the_final_checkpoint(tmp_path, monkeypatch):
     def broken(self, step, state, results):
@@ -182,11 +204,18 @@ def test_a_failing_sample_never_costs_the_final_checkpoint(tmp_path, monkeypatch
     assert steps_of(tmp_path) == [5]  # saved although the sample after it failed
 
 
-@pytest.mark.parametrize("override,field", [("train.sample_tokens=0", "sample_tokens"),
-                                            ("train.sample_prompt=", "sample_prompt"),
-                                            ("optim.lr=nan", "lr"), ("optim.beta1=1.5", "beta1"),
-                                            ("optim.eps=-1", "eps"), ("data.prefetch=-1", "prefetch"),
-                                            ("data.val_windows=-4", "val_windows")])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("train.sample_tokens=0", "sample_tokens"),
+        ("train.sample_prompt=", "sample_prompt"),
+        ("optim.lr=nan", "lr"),
+        ("optim.beta1=1.5", "beta1"),
+        ("optim.eps=-1", "eps"),
+        ("data.prefetch=-1", "prefetch"),
+        ("data.val_windows=-4", "val_windows"),
+    ],
+)
 def test_bad_values_refused_before_anything_runs(override, field):
     with pytest.raises(ConfigError, match=field):
         cfg_of(override)
@@ -217,13 +246,20 @@ def test_restart_after_a_crash_before_the_first_checkpoint_logs_each_step_once(t
 
 
 def test_nan_guard_names_the_step_and_keeps_the_checkpoint(tmp_path):
-    cfg = cfg_of("optim.name=adamw", "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0",
-                 "train.ckpt_every=1", "train.steps=20")
+    cfg = cfg_of(
+        "optim.name=adamw",
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        "optim.warmup_steps=0",
+        "train.ckpt_every=1",
+        "train.steps=20",
+    )
     with pytest.raises(TrainingError, match=r"step \d+: (train/loss|grad_norm) is (nan|inf)"):
         train(cfg, tmp_path)
     model, _ = load_model(tmp_path)
-    from flax import nnx
     import jax
+    from flax import nnx
+
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
@@ -234,9 +270,15 @@ def test_a_shard_corrupted_between_the_sampled_blocks_stops_training(tmp_path):
     from fgpt_jax.data.shards import SAMPLE_BLOCK_TOKENS, SAMPLE_BLOCKS, ShardError
     from fgpt_jax.data.sources import TextSource
     from fgpt_jax.data.writer import write_shards
+
     shards = tmp_path / "shards"
-    write_shards(TextSource([CORPUS_FILE], blocks=True, gutenberg=False), str(shards), val_fraction=0.1,
-                 workers=1, progress=False)
+    write_shards(
+        TextSource([CORPUS_FILE], blocks=True, gutenberg=False),
+        str(shards),
+        val_fraction=0.1,
+        workers=1,
+        progress=False,
+    )
     path = shards / "train_000000.npy"
     tokens = np.load(path, mmap_mode="r")
     n = len(tokens)

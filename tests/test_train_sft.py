@@ -22,14 +22,30 @@ def read_metrics(run):
 def base_run(tmp_path_factory):
     """A tiny pretrained run on the bundled sample."""
     run = tmp_path_factory.mktemp("base")
-    cfg = apply_overrides(load_config("tiny"), MODEL + ["train.steps=20", "train.batch_size=8", "train.eval_every=0",
-                                                        "train.sample_tokens=4", "optim.warmup_steps=2"])
+    cfg = apply_overrides(
+        load_config("tiny"),
+        MODEL
+        + [
+            "train.steps=20",
+            "train.batch_size=8",
+            "train.eval_every=0",
+            "train.sample_tokens=4",
+            "optim.warmup_steps=2",
+        ],
+    )
     train(cfg, run)
     return run
 
 
-SFT = ["train.batch_size=8", "train.log_every=5", "train.ckpt_every=0", "train.sample_tokens=8",
-       "optim.warmup_steps=2", "data.max_prompt_tokens=0", "data.max_response_tokens=0"]
+SFT = [
+    "train.batch_size=8",
+    "train.log_every=5",
+    "train.ckpt_every=0",
+    "train.sample_tokens=8",
+    "optim.warmup_steps=2",
+    "data.max_prompt_tokens=0",
+    "data.max_response_tokens=0",
+]
 
 
 def sft_config(base, *extra):
@@ -37,8 +53,14 @@ def sft_config(base, *extra):
 
 
 def test_sft_masked_val_loss_falls(base_run, tmp_path):
-    cfg = sft_config(base_run, f"data.path={DATA / 'instruction-examples.json'}", "train.steps=30",
-                     "train.eval_every=15", "optim.lr=2e-3", "data.val_fraction=0.1")
+    cfg = sft_config(
+        base_run,
+        f"data.path={DATA / 'instruction-examples.json'}",
+        "train.steps=30",
+        "train.eval_every=15",
+        "optim.lr=2e-3",
+        "data.val_fraction=0.1",
+    )
     assert cfg.model == load_run_config(base_run).model  # the base run's model, not the preset's
     last = train(cfg, tmp_path)
     vals = {r["step"]: r["val/loss"] for r in read_metrics(tmp_path) if "val/loss" in r}
@@ -52,28 +74,75 @@ def test_sft_masked_val_loss_falls(base_run, tmp_path):
 
 def test_chat_cli_answers_and_stops_at_end(base_run, tmp_path):
     """Overfit one answer; the REPL, fed by a pipe, must print exactly it once per turn."""
-    convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Paris is the capital."}]}
-             for q in ["What is the capital of France?", "Hello", "Name a city.", "Where is the Louvre?",
-                       "Tell me something.", "Which city has the Eiffel Tower?", "Hi there", "Say a fact."] * 4]
+    convs = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Paris is the capital."}]}
+        for q in [
+            "What is the capital of France?",
+            "Hello",
+            "Name a city.",
+            "Where is the Louvre?",
+            "Tell me something.",
+            "Which city has the Eiffel Tower?",
+            "Hi there",
+            "Say a fact.",
+        ]
+        * 4
+    ]
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(c) + "\n" for c in convs))
     run = tmp_path / "sft"
-    train(sft_config(base_run, f"data.path={path}", "train.steps=60", "train.eval_every=0", "optim.lr=3e-3",
-                     "data.val_fraction=0", "data.pack=false"), run)
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.chat", "--run", str(run), "--temperature", "0",
-                        "--max-new-tokens", "24"], input="What is the capital of France?\n/reset\nHello\n",
-                       capture_output=True, text=True, timeout=180)
+    train(
+        sft_config(
+            base_run,
+            f"data.path={path}",
+            "train.steps=60",
+            "train.eval_every=0",
+            "optim.lr=3e-3",
+            "data.val_fraction=0",
+            "data.pack=false",
+        ),
+        run,
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "fgpt_jax.chat", "--run", str(run), "--temperature", "0", "--max-new-tokens", "24"],
+        input="What is the capital of France?\n/reset\nHello\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines() == ["Paris is the capital.", "Paris is the capital."]
-    one = subprocess.run([sys.executable, "-m", "fgpt_jax.chat", "--run", str(run), "--temperature", "0",
-                          "--prompt", "Where is the Louvre?"], capture_output=True, text=True, timeout=180)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgpt_jax.chat",
+            "--run",
+            str(run),
+            "--temperature",
+            "0",
+            "--prompt",
+            "Where is the Louvre?",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert one.returncode == 0 and one.stdout == "Paris is the capital.\n"
 
 
 def test_python_train_resolves_like_the_cli(base_run, tmp_path):
     """train(load_config("sft") + init_from) from Python takes the base run's model, as the CLI does."""
-    cfg = apply_overrides(load_config("sft"), [f"init_from={base_run}", *SFT, "train.steps=2", "train.eval_every=0",
-                                                f"data.path={DATA / 'instruction-examples.json'}"])
+    cfg = apply_overrides(
+        load_config("sft"),
+        [
+            f"init_from={base_run}",
+            *SFT,
+            "train.steps=2",
+            "train.eval_every=0",
+            f"data.path={DATA / 'instruction-examples.json'}",
+        ],
+    )
     assert cfg.model is None
     train(cfg, tmp_path)
     assert load_run_config(tmp_path).model == load_run_config(base_run).model
@@ -83,5 +152,7 @@ def test_python_train_resolves_like_the_cli(base_run, tmp_path):
 
 def test_init_from_other_shape_fails(base_run, tmp_path):
     cfg = apply_overrides(load_config("tiny"), [f"init_from={base_run}", "model.n_layer=3"])
-    with pytest.raises(TrainingError, match=r"model shape differs from the base run \(block_size 128 vs 64, n_layer 3 vs 2"):
+    with pytest.raises(
+        TrainingError, match=r"model shape differs from the base run \(block_size 128 vs 64, n_layer 3 vs 2"
+    ):
         train(cfg, tmp_path)

@@ -15,9 +15,20 @@ from fgpt_jax.checkpoint import load_model
 from fgpt_jax.config import apply_overrides, load_config, load_run_config
 from fgpt_jax.train import TrainingError, train
 
-SMALL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.block_size=32",
-         "train.steps=8", "train.batch_size=4", "train.log_every=1", "train.eval_every=4", "train.ckpt_every=4",
-         "train.sample_tokens=8", "data.val_windows=8", "optim.warmup_steps=2"]
+SMALL = [
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "model.n_head=2",
+    "model.block_size=32",
+    "train.steps=8",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=4",
+    "train.ckpt_every=4",
+    "train.sample_tokens=8",
+    "data.val_windows=8",
+    "optim.warmup_steps=2",
+]
 
 
 def small_config(*extra):
@@ -35,6 +46,7 @@ def losses(run):
 def params_of(run):
     model, _ = load_model(run)
     from flax import nnx
+
     return jax.tree.leaves(nnx.state(model, nnx.Param))
 
 
@@ -67,6 +79,7 @@ def test_run_directory(straight_run):
 
 def test_tensorboard_events_read_back(straight_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     run, _ = straight_run
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
@@ -83,10 +96,13 @@ def test_loaded_model_reproduces_val_loss(straight_run):
     from fgpt_jax.data.loader import val_windows
     from fgpt_jax.data.shards import open_shards
     from fgpt_jax.loss import token_losses
+
     run, last = straight_run
     model, cfg = load_model(run)
-    batches = [b.tokens for b in val_windows(open_shards(resolve(cfg.data.path), "val"), cfg.model.block_size, 4,
-                                             cfg.data.val_windows)]
+    batches = [
+        b.tokens
+        for b in val_windows(open_shards(resolve(cfg.data.path), "val"), cfg.model.block_size, 4, cfg.data.val_windows)
+    ]
     total = sum(float(token_losses(model(b[:, :-1]), b[:, 1:]).sum()) for b in batches)
     n = sum(b[:, 1:].size for b in batches)
     assert total / n == pytest.approx(last["val/loss"], rel=1e-5)
@@ -115,9 +131,16 @@ def test_sigterm_then_resume_is_exact(straight_run, tmp_path):
 
 def test_hellaswag_inside_training(tmp_path):
     from pathlib import Path
+
     data = Path(__file__).parent / "data" / "hellaswag_val_200.txt"
-    cfg = small_config("train.steps=2", "train.eval_every=0", "train.ckpt_every=0", "train.hellaswag_every=2",
-                       f"train.hellaswag_data={data}", "train.hellaswag_limit=8")
+    cfg = small_config(
+        "train.steps=2",
+        "train.eval_every=0",
+        "train.ckpt_every=0",
+        "train.hellaswag_every=2",
+        f"train.hellaswag_data={data}",
+        "train.hellaswag_limit=8",
+    )
     last = train(cfg, tmp_path)
     rows = [r for r in read_metrics(tmp_path) if "hellaswag/acc" in r]
     assert [r["step"] for r in rows] == [2]
@@ -135,21 +158,29 @@ def test_existing_run_needs_resume(straight_run):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = small_config("optim.name=adamw", "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0",
-                       "train.ckpt_every=1", "train.eval_every=0")
+    cfg = small_config(
+        "optim.name=adamw",
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        "optim.warmup_steps=0",
+        "train.ckpt_every=1",
+        "train.eval_every=0",
+    )
     with pytest.raises(TrainingError, match=r"step \d+: (train/loss|grad_norm) is (nan|inf)"):
         train(cfg, tmp_path)
     good = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert good, "no checkpoint before the divergence"
     model, _ = load_model(tmp_path)
     from flax import nnx
+
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def _cli(*args, env_extra=None, timeout=300):
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "fgpt_jax.train", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fgpt_jax.train", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def test_cli_help_and_bad_input(tmp_path):
@@ -190,19 +221,27 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path, one_device):
 @pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path, one_device):
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     one = one_device
     run = tmp_path / "multi"
     args = ["--workdir", str(run)] + [f"--config.{o}" for o in SMALL + ["train.steps=3", "train.ckpt_every=0"]]
-    procs = [subprocess.Popen([sys.executable, "-m", "fgpt_jax.train", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                       JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fgpt_jax.train", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(
+                os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)
+            ),
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "2 device(s)" in (run / "train.log").read_text()
     multi = [losses(run)[s] for s in (1, 2, 3)]
@@ -210,10 +249,16 @@ def test_two_processes_agree_with_one(tmp_path, one_device):
 
 
 def test_print_config_resolves_and_writes_nothing(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.train", "--config", "gpt2_124m", "--config.train.steps=7",
-                        "--print-config"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "fgpt_jax.train", "--config", "gpt2_124m", "--config.train.steps=7", "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     from fgpt_jax.config import from_json
+
     cfg = from_json(r.stdout)
     assert cfg == apply_overrides(load_config("gpt2_124m"), ["train.steps=7"])
     assert list(tmp_path.iterdir()) == []  # no runs/ directory, nothing tokenised into it
@@ -222,6 +267,7 @@ def test_print_config_resolves_and_writes_nothing(tmp_path):
 def test_console_keeps_per_step_lines_in_the_log_on_a_terminal(tmp_path):
     from fgpt_jax.rundir import RunDir
     from fgpt_jax.train.trainer import Console
+
     console = Console(RunDir(tmp_path), enabled=True)
     console.tty = True  # a terminal: the bar shows progress, step lines go to train.log only
     console("held until the checks pass")

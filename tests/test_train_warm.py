@@ -19,9 +19,18 @@ from fgpt_jax.rundir import RunDir
 from fgpt_jax.train import TrainingError, train
 from fgpt_jax.train.trainer import StopSignal, Trainer
 
-SMALL = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "train.batch_size=4",
-         "train.log_every=1", "train.eval_every=0", "train.sample_tokens=4", "data.val_windows=8",
-         "optim.warmup_steps=2"]
+SMALL = [
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.block_size=16",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.sample_tokens=4",
+    "data.val_windows=8",
+    "optim.warmup_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +41,11 @@ def base_run(tmp_path_factory):
 
 
 def warm_cfg(base, *extra):
-    return apply_overrides(load_config("tiny"), SMALL + [f"init_from={base}", "init_mode=warm", "train.steps=6",
-                                                         "optim.warmup_steps=0", "optim.lr=1e-3", *extra])
+    return apply_overrides(
+        load_config("tiny"),
+        SMALL
+        + [f"init_from={base}", "init_mode=warm", "train.steps=6", "optim.warmup_steps=0", "optim.lr=1e-3", *extra],
+    )
 
 
 def test_warm_restart_carries_state_and_continues_the_data(base_run, tmp_path):
@@ -70,19 +82,35 @@ def test_warm_restart_with_another_batch_size_skips_nothing(base_run, tmp_path):
 
 
 def test_warm_restart_from_the_cli(base_run, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.train", "--run", str(tmp_path / "w"),
-                        *[f"--config.{o}" for o in SMALL], f"--config.init_from={base_run}",
-                        "--config.init_mode=warm", "--config.train.steps=20", "--config.optim.warmup_steps=0"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgpt_jax.train",
+            "--run",
+            str(tmp_path / "w"),
+            *[f"--config.{o}" for o in SMALL],
+            f"--config.init_from={base_run}",
+            "--config.init_mode=warm",
+            "--config.train.steps=20",
+            "--config.optim.warmup_steps=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert RunDir(tmp_path / "w").checkpoint_steps()[-1] == 20
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["data.seed=1"], "data differs (seed 0 vs 1)"),
-    (["optim.name=adamw"], "init_from used optim.name=muon"),
-    (["model.n_layer=2"], "model shape differs from the base run"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["data.seed=1"], "data differs (seed 0 vs 1)"),
+        (["optim.name=adamw"], "init_from used optim.name=muon"),
+        (["model.n_layer=2"], "model shape differs from the base run"),
+    ],
+)
 def test_warm_restart_refuses_what_cannot_continue(base_run, tmp_path, extra, needle):
     with pytest.raises(TrainingError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         train(warm_cfg(base_run, *extra), tmp_path / "r")
@@ -93,6 +121,7 @@ def test_warm_restart_from_a_params_only_run_is_refused(tmp_path):
     from flax import nnx
 
     from fgpt_jax.model import GPT
+
     cfg = resolve_config("tiny", SMALL)
     save_model(tmp_path / "imported", GPT(cfg.model, rngs=nnx.Rngs(0)), cfg)
     with pytest.raises(TrainingError, match="holds parameters only"):
@@ -101,8 +130,10 @@ def test_warm_restart_from_a_params_only_run_is_refused(tmp_path):
 
 # -- FGPT's two phases ---------------------------------------------------------------------------
 
+
 def test_fgpt_phase_1_is_fgpts_reported_run():
     from fgpt_jax.optim import learning_rates
+
     cfg = load_config("fgpt")
     t, o = cfg.train, cfg.optim
     assert cfg.model.num_params() == 662_660_544
@@ -119,12 +150,17 @@ def test_fgpt_phase_1_is_fgpts_reported_run():
 
 def test_fgpt_phase_2_anneals_from_phase_1():
     from fgpt_jax.optim import learning_rates
+
     p1, p2 = load_config("fgpt"), load_config("fgpt_anneal")
     assert (p2.init_from, p2.init_mode, p2.model) == ("runs/fgpt", "warm", p1.model)
     assert p2.train.steps == 16_666 and round(p2.train.steps * 516_096 / 1e9, 1) == 8.6
     assert p2.optim.grad_clip == 0.5 and p2.optim.warmup_steps == 0
-    assert dataclasses.replace(p2.optim, muon_lr=0.03, lr=3e-4, min_lr_ratio=0.1, warmup_steps=1667,
-                               plateau_steps=8333, grad_clip=1.0) == p1.optim  # the same optimizer otherwise
+    assert (
+        dataclasses.replace(
+            p2.optim, muon_lr=0.03, lr=3e-4, min_lr_ratio=0.1, warmup_steps=1667, plateau_steps=8333, grad_clip=1.0
+        )
+        == p1.optim
+    )  # the same optimizer otherwise
     lr = lambda s: {k: float(v) for k, v in learning_rates(p2.optim, p2.train.steps, s).items()}  # noqa: E731
     assert lr(0) == pytest.approx({"lr": 3e-5, "lr_muon": 0.003})
     assert lr(p2.train.steps - 1) == pytest.approx({"lr": 5e-6, "lr_muon": 0.0005})
@@ -134,9 +170,23 @@ def test_fgpt_phase_2_refuses_a_base_of_another_shape(tmp_path):
     from flax import nnx
 
     from fgpt_jax.model import GPT
+
     other = resolve_config("tiny", SMALL)
     save_model(tmp_path / "p1", GPT(other.model, rngs=nnx.Rngs(0)), other)
-    r = subprocess.run([sys.executable, "-m", "fgpt_jax.train", "--config", "fgpt_anneal", "--run", str(tmp_path / "p2"),
-                        f"--config.init_from={tmp_path / 'p1'}"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgpt_jax.train",
+            "--config",
+            "fgpt_anneal",
+            "--run",
+            str(tmp_path / "p2"),
+            f"--config.init_from={tmp_path / 'p1'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "model shape differs from the base run" in r.stderr and "n_layer 32 vs 1" in r.stderr

@@ -34,19 +34,25 @@ VERIFY = ("background", "startup", "off")
 class DataConfig:
     """Where training data comes from and how it is read (batch size and block size live elsewhere)."""
 
-    path: str = "tinyshakespeare"  # shard directory holding manifest.json, or "tinyshakespeare" (the bundled corpus); chat/preference: a file or Hub dataset; "": none recorded
+    path: str = "tinyshakespeare"  # shard directory holding manifest.json, or "tinyshakespeare" (the bundled corpus);
+    # chat/preference: a file or Hub dataset; "": none recorded
     seed: int = 0  # loader seed: the window permutation and per-epoch offsets derive from it
     prefetch: int = 2  # batches prepared ahead by background threads (0: none)
     read_threads: int = 1  # background threads gathering batches from the memmapped shards
     val_windows: int = 1280  # fixed validation windows (capped by the val split, rounded to whole batches)
-    verify: Literal["background", "startup", "off", True, False] = "background"  # full sha256 of every shard: in a background thread (Data.check raises), before training, or never; true/false (older config.json) read as startup/off
-    format: Literal["tokens", "chat", "preference"] = "tokens"  # tokens: pretraining shards; chat: conversations (SFT); preference: chosen/rejected pairs (DPO)
+    verify: Literal["background", "startup", "off", True, False] = "background"  # full sha256 of every shard: in a
+    # background thread (Data.check raises), before training, or never; true/false (older config.json) read as
+    # startup/off
+    format: Literal["tokens", "chat", "preference"] = "tokens"  # tokens: pretraining shards; chat: conversations (SFT);
+    # preference: chosen/rejected pairs (DPO)
     max_prompt_tokens: int = 0  # chat/preference: drop records with more non-reply tokens (0: no limit)
-    max_response_tokens: int = 0  # chat/preference: drop records with more reply tokens (preference: either reply) (0: no limit)
+    max_response_tokens: int = 0  # chat/preference: drop records with more reply tokens (preference: either reply) (0:
+    # no limit)
     pack: bool = True  # chat: pack several conversations per row (else one per row, padded)
     val_fraction: float = 0.05  # chat/preference: share of records held out for validation
     limit: int = 0  # chat/preference: use only the first N records of the source (0: all)
-    truncate: bool = False  # preference: cut what is over max_prompt_tokens (oldest turns first) / max_response_tokens (a reply's end) instead of dropping the pair
+    truncate: bool = False  # preference: cut what is over max_prompt_tokens (oldest turns first) / max_response_tokens
+    # (a reply's end) instead of dropping the pair
 
     def __post_init__(self):
         if isinstance(self.verify, bool):  # config.json of fgpt-jax 0.1/0.2: verify was a boolean
@@ -80,7 +86,7 @@ class Batch(NamedTuple):
     mask: np.ndarray
 
     @classmethod
-    def of_tokens(cls, tokens: np.ndarray) -> "Batch":
+    def of_tokens(cls, tokens: np.ndarray) -> Batch:
         """A batch in which every target token counts (pretraining)."""
         tokens = np.asarray(tokens, np.int32)
         return cls(tokens, np.ones(tokens.shape[:-1] + (tokens.shape[-1] - 1,), np.float32))

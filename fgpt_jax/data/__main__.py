@@ -32,32 +32,59 @@ def _fraction(text: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser, val_fraction: float) -> None:
-    p.add_argument("--out", required=True,
-                   help="output directory (shards + manifest.json): new, empty, or one this command wrote; "
-                        "rerun to resume")
-    p.add_argument("--shard-tokens", type=cli.positive_int, default=100_000_000,
-                   help="tokens per shard (default 100,000,000 = 200 MB as uint16)")
-    p.add_argument("--val-fraction", type=_fraction, default=val_fraction,
-                   help=f"fraction of documents sent to validation by hash of id/text (default {val_fraction})")
-    p.add_argument("--workers", type=cli.positive_int, default=os.cpu_count() or 1,
-                   help="tokeniser processes (default: all cores; 1 tokenises in this process)")
-    p.add_argument("--max-tokens", type=cli.positive_int, default=None,
-                   help="stop after the document that brings the total to N tokens")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory (shards + manifest.json): new, empty, or one this command wrote; rerun to resume",
+    )
+    p.add_argument(
+        "--shard-tokens",
+        type=cli.positive_int,
+        default=100_000_000,
+        help="tokens per shard (default 100,000,000 = 200 MB as uint16)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=val_fraction,
+        help=f"fraction of documents sent to validation by hash of id/text (default {val_fraction})",
+    )
+    p.add_argument(
+        "--workers",
+        type=cli.positive_int,
+        default=os.cpu_count() or 1,
+        help="tokeniser processes (default: all cores; 1 tokenises in this process)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=cli.positive_int,
+        default=None,
+        help="stop after the document that brings the total to N tokens",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.Parser(prog="python -m fgpt_jax.data", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fineweb,text,bundled,check}",
-                                parser_class=cli.Parser)
+    parser = cli.Parser(
+        prog="python -m fgpt_jax.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{fineweb,text,bundled,check}", parser_class=cli.Parser
+    )
 
     p = sub.add_parser("fineweb", help="FineWeb-Edu from the Hub (streamed), or local files with --files")
-    p.add_argument("--name", default="sample-10BT",
-                   help="FineWeb-Edu config: sample-10BT, sample-100BT, sample-350BT, CC-MAIN-... (default sample-10BT)")
+    p.add_argument(
+        "--name",
+        default="sample-10BT",
+        help="FineWeb-Edu config: sample-10BT, sample-100BT, sample-350BT, CC-MAIN-... (default sample-10BT)",
+    )
     p.add_argument("--repo", default="HuggingFaceFW/fineweb-edu", help="Hub dataset repository")
-    p.add_argument("--files", nargs="+", metavar="FILE",
-                   help="read local jsonl/json/parquet/csv/txt files (or directories, globs) instead of the Hub")
+    p.add_argument(
+        "--files",
+        nargs="+",
+        metavar="FILE",
+        help="read local jsonl/json/parquet/csv/txt files (or directories, globs) instead of the Hub",
+    )
     p.add_argument("--text-field", default="text", help="column holding the document text (default text)")
     p.add_argument("--id-field", default="id", help="column holding the document id for the split hash (default id)")
     _common(p, 0.005)
@@ -65,25 +92,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("text", help="plain-text files: one document per file, or per blank-line block")
     p.add_argument("files", nargs="+", metavar="FILE", help="text files, directories or globs (UTF-8)")
     p.add_argument("--blocks", action="store_true", help="one document per blank-line block instead of per file")
-    p.add_argument("--keep-gutenberg", action="store_true",
-                   help="keep Project Gutenberg headers/licences (stripped by default when markers are present)")
+    p.add_argument(
+        "--keep-gutenberg",
+        action="store_true",
+        help="keep Project Gutenberg headers/licences (stripped by default when markers are present)",
+    )
     _common(p, 0.1)
 
-    sub.add_parser("bundled", aliases=["sample"],
-                   help="tokenise the bundled Tiny Shakespeare into the cache; print its directory")
+    sub.add_parser(
+        "bundled", aliases=["sample"], help="tokenise the bundled Tiny Shakespeare into the cache; print its directory"
+    )
 
     p = sub.add_parser("check", help="validate a shard directory and print its manifest summary")
     p.add_argument("dir", help="shard directory (or 'tinyshakespeare')")
-    p.add_argument("--verify", action="store_true",
-                   help="also check every shard's full sha256 (without it, only a sample of each shard is read)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check every shard's full sha256 (without it, only a sample of each shard is read)",
+    )
     return parser
 
 
 def _report_stripped(source) -> None:
     """One stderr line per file whose Project Gutenberg header/licence was stripped: how much."""
     for path, (removed, size) in getattr(source, "stripped", {}).items():
-        print(f"{path}: stripped Project Gutenberg header and licence: {removed:,} of {size:,} characters "
-              f"({removed / size:.1%}; --keep-gutenberg keeps them)", file=sys.stderr)
+        print(
+            f"{path}: stripped Project Gutenberg header and licence: {removed:,} of {size:,} characters "
+            f"({removed / size:.1%}; --keep-gutenberg keeps them)",
+            file=sys.stderr,
+        )
 
 
 def _check(directory: str, verify: bool) -> dict:
@@ -106,11 +143,15 @@ def _check(directory: str, verify: bool) -> dict:
     entries = [e for split in SPLITS for e in manifest["splits"][split]["shards"]]
     read = min(1.0, sum(tokens_checked(e) for e in entries) / max(1, sum(e["num_tokens"] for e in entries)))
     old = sum(1 for e in entries if not e.get("sampled"))
-    what = "header, length, first and last 4,096 tokens" + (" and 64 sampled 4,096-token blocks" if old < len(entries)
-                                                            else "")
-    print(f"note: checked each shard's {what} ({read:.1%} of the tokens"
-          f"{f'; {old} shards were written before sampled blocks existed' if 0 < old < len(entries) else ''}); "
-          f"bytes elsewhere are not checked: add --verify to hash every shard", file=sys.stderr)
+    what = "header, length, first and last 4,096 tokens" + (
+        " and 64 sampled 4,096-token blocks" if old < len(entries) else ""
+    )
+    print(
+        f"note: checked each shard's {what} ({read:.1%} of the tokens"
+        f"{f'; {old} shards were written before sampled blocks existed' if 0 < old < len(entries) else ''}); "
+        f"bytes elsewhere are not checked: add --verify to hash every shard",
+        file=sys.stderr,
+    )
     return {"dir": directory, **out, "checked": f"{what}: {read:.1%} of the tokens"}
 
 
@@ -124,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command in ("bundled", "sample"):
             from fgpt_jax.data.bundled import corpus_dir
+
             print(corpus_dir(progress=True))
         elif args.command == "check":
             print(json.dumps(_check(args.dir, args.verify)))
@@ -135,20 +177,33 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 source = hub_source(args.name, repo=args.repo, text_field=args.text_field, id_field=args.id_field)
             try:
-                m = write_shards(source, args.out, shard_tokens=args.shard_tokens, val_fraction=args.val_fraction,
-                                 workers=args.workers, max_tokens=args.max_tokens, progress=not args.no_progress)
+                m = write_shards(
+                    source,
+                    args.out,
+                    shard_tokens=args.shard_tokens,
+                    val_fraction=args.val_fraction,
+                    workers=args.workers,
+                    max_tokens=args.max_tokens,
+                    progress=not args.no_progress,
+                )
             except KeyboardInterrupt:
-                print("error: interrupted; rerun the same command to resume after the last complete shard",
-                      file=sys.stderr)
+                print(
+                    "error: interrupted; rerun the same command to resume after the last complete shard",
+                    file=sys.stderr,
+                )
                 return cli.EXIT_INTERRUPTED
             _report_stripped(source)
-            summary = {s: {k: m["splits"][s][k] for k in ("num_tokens", "num_documents")} | {
-                "shards": len(m["splits"][s]["shards"])} for s in SPLITS}
+            summary = {
+                s: {k: m["splits"][s][k] for k in ("num_tokens", "num_documents")}
+                | {"shards": len(m["splits"][s]["shards"])}
+                for s in SPLITS
+            }
             print(json.dumps({"out": args.out, **summary}))
         return 0
 
     from fgpt_jax.data.shards import ShardError
     from fgpt_jax.data.sources import DataError
+
     return cli.run(body, (DataError, ShardError))
 
 

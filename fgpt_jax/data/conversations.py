@@ -59,6 +59,7 @@ ROLES = ("system", "user", "assistant")
 # -- loading -------------------------------------------------------------------------------------
 def _conversation(rec, where: str, i: int) -> list[dict]:
     """One record of either schema as a list of {"role", "content"} messages."""
+
     def bad(why: str):
         return DataError(f"{where}: record {i}: {why}")
 
@@ -83,10 +84,14 @@ def _conversation(rec, where: str, i: int) -> list[dict]:
         for k, v in (("instruction", inst), ("input", inp), ("output", outp)):
             if not isinstance(v, str):
                 raise bad(f"'{k}' must be a string, got {type(v).__name__}")
-        return [{"role": "user", "content": inst + ("\n\n" + inp if inp else "")},
-                {"role": "assistant", "content": outp}]
-    raise bad(f"unknown schema (keys: {', '.join(sorted(map(str, rec))) or 'none'}); expected Alpaca "
-              f"'instruction'/'input'/'output' or 'messages'")
+        return [
+            {"role": "user", "content": inst + ("\n\n" + inp if inp else "")},
+            {"role": "assistant", "content": outp},
+        ]
+    raise bad(
+        f"unknown schema (keys: {', '.join(sorted(map(str, rec))) or 'none'}); expected Alpaca "
+        f"'instruction'/'input'/'output' or 'messages'"
+    )
 
 
 def _read_file(path: str) -> list:
@@ -94,6 +99,7 @@ def _read_file(path: str) -> list:
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq  # comes with `datasets`
+
         try:
             return pq.read_table(path).to_pylist()
         except Exception as e:
@@ -151,8 +157,10 @@ def read_records(path: str, limit: int | None = None) -> list[tuple[dict, str, i
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # offline, unknown name or split: the user needs one line
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"{path}: could not load from the Hugging Face Hub ({reason[:300]}); without network, pass a "
-                        f"local .json/.jsonl/.parquet file with the same schema instead") from None
+        raise DataError(
+            f"{path}: could not load from the Hugging Face Hub ({reason[:300]}); without network, pass a "
+            f"local .json/.jsonl/.parquet file with the same schema instead"
+        ) from None
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return [(rec, path, i) for i, rec in enumerate(ds)]
@@ -167,6 +175,7 @@ def load_conversations(path: str, limit: int | None = None) -> list[list[dict]]:
 @dataclass
 class ChatData:
     """Train and validation rows, and `stats` (a JSON-serialisable dict of what was kept and dropped)."""
+
     train: Rows
     val: Rows
     stats: dict = field(default_factory=dict)
@@ -216,20 +225,28 @@ def _layout(rendered: list[tuple[list[int], list[int]]], seq_len: int, pack: boo
         t = 0
         for i in group:
             ids, m = rendered[i]
-            tokens[r, t:t + len(ids)], loss[r, t:t + len(ids)] = ids, m
+            tokens[r, t : t + len(ids)], loss[r, t : t + len(ids)] = ids, m
             t += len(ids)
     # Aligned with the targets: mask[:, t] says whether tokens[:, t + 1] is supervised. Dropping
     # loss[:, 0] loses nothing: every row starts with a conversation's <|endoftext|> (mask 0).
     return Rows(tokens=tokens, mask=np.ascontiguousarray(loss[:, 1:]), num_records=len(rendered))
 
 
-def build_chat_data(convs: list[list[dict]], seq_len: int, *, max_prompt_tokens: int = 0,
-                    max_response_tokens: int = 0, pack: bool = True, val_fraction: float = 0.05,
-                    seed: int = 0) -> ChatData:
+def build_chat_data(
+    convs: list[list[dict]],
+    seq_len: int,
+    *,
+    max_prompt_tokens: int = 0,
+    max_response_tokens: int = 0,
+    pack: bool = True,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+) -> ChatData:
     """Render, filter, split, shuffle (train, from `seed`) and lay out conversations into rows.
 
     `pack=True` (the default: 3.3-5.9x faster per epoch than padding in scripts/bench_sft_data.py)
-    packs whole conversations per row; False pads one per row. See the module docstring for the exact prompt/response token counts the filters use."""
+    packs whole conversations per row; False pads one per row. See the module docstring for the exact
+    prompt/response token counts the filters use."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     if not 0 <= val_fraction < 1:
@@ -249,18 +266,31 @@ def build_chat_data(convs: list[list[dict]], seq_len: int, *, max_prompt_tokens:
             stats["dropped_too_long"] += 1
         else:
             stats["kept"] += 1
-            splits["val" if in_val_split(np.asarray(ids, np.int32).tobytes(), val_fraction) else "train"].append((ids, m))
+            splits["val" if in_val_split(np.asarray(ids, np.int32).tobytes(), val_fraction) else "train"].append(
+                (ids, m)
+            )
     train = splits["train"]
     order = np.random.default_rng([derive(seed, "chat-shuffle")]).permutation(len(train))
-    data = ChatData(train=_layout([train[i] for i in order], seq_len, pack, tok.eot_id),
-                    val=_layout(splits["val"], seq_len, pack, tok.eot_id))
+    data = ChatData(
+        train=_layout([train[i] for i in order], seq_len, pack, tok.eot_id),
+        val=_layout(splits["val"], seq_len, pack, tok.eot_id),
+    )
     for name in ("train", "val"):
         s = getattr(data, name)
         used = sum(len(ids) for ids, _ in splits[name])
-        stats |= {f"{name}_conversations": s.num_records, f"{name}_rows": s.num_rows,
-                  f"{name}_supervised_tokens": int(s.mask.sum()),
-                  f"{name}_fill_fraction": round(used / max(1, s.num_rows * (seq_len + 1)), 4)}
-    stats |= {"seq_len": seq_len, "pack": pack, "max_prompt_tokens": max_prompt_tokens,
-              "max_response_tokens": max_response_tokens, "val_fraction": val_fraction, "seed": seed}
+        stats |= {
+            f"{name}_conversations": s.num_records,
+            f"{name}_rows": s.num_rows,
+            f"{name}_supervised_tokens": int(s.mask.sum()),
+            f"{name}_fill_fraction": round(used / max(1, s.num_rows * (seq_len + 1)), 4),
+        }
+    stats |= {
+        "seq_len": seq_len,
+        "pack": pack,
+        "max_prompt_tokens": max_prompt_tokens,
+        "max_response_tokens": max_response_tokens,
+        "val_fraction": val_fraction,
+        "seed": seed,
+    }
     data.stats = stats
     return data

@@ -51,6 +51,7 @@ class HellaSwagError(ValueError):
 @dataclass(frozen=True)
 class Example:
     """One item: score `endings[i]` (preceded by a space) as a continuation of `context`."""
+
     context: str
     endings: tuple[str, str, str, str]
     label: int  # index of the true ending, 0..3
@@ -128,7 +129,7 @@ def _read_text(path: Path) -> str:
 
 
 def detect_format(path: Path, text: str) -> str:
-    """"jsonl" or "txt", from the name, else from the first character."""
+    """ "jsonl" or "txt", from the name, else from the first character."""
     name = path.name.lower()
     for suffix in (".gz", ".bz2"):
         name = name.removesuffix(suffix)
@@ -191,17 +192,20 @@ def parse_txt(text: str, path: str) -> list[Example]:
         lines.pop()
     lines = [line.removesuffix("\r") for line in lines]
     if len(lines) % 6:
-        raise HellaSwagError(f"{path}:{len(lines)}: expected 6 lines per item (context, label, 4 endings); "
-                             f"the file has {len(lines)} lines, not a multiple of 6")
+        raise HellaSwagError(
+            f"{path}:{len(lines)}: expected 6 lines per item (context, label, 4 endings); "
+            f"the file has {len(lines)} lines, not a multiple of 6"
+        )
     out = []
     for i in range(0, len(lines), 6):
         label = _label(lines[i + 1], f"{path}:{i + 2}")
-        out.append(Example(lines[i], tuple(lines[i + 2:i + 6]), label, f"{path}:{i + 1}"))
+        out.append(Example(lines[i], tuple(lines[i + 2 : i + 6]), label, f"{path}:{i + 1}"))
     return out
 
 
-def load_examples(path: str | Path | None = None, limit: int | None = None,
-                  preprocess_mode: str = "harness") -> list[Example]:
+def load_examples(
+    path: str | Path | None = None, limit: int | None = None, preprocess_mode: str = "harness"
+) -> list[Example]:
     """HellaSwag items from `path` (jsonl or 6-line txt, optionally .gz/.bz2), or by default the
     official validation jsonl (cached, downloaded on first use). `limit` keeps the first N."""
     if limit is not None and limit < 1:
@@ -212,13 +216,27 @@ def load_examples(path: str | Path | None = None, limit: int | None = None,
         examples = parse_jsonl(text, str(path), preprocess_mode)
     else:
         if preprocess_mode != "harness":
-            raise HellaSwagError(f"--preprocess {preprocess_mode}: {path} is llama.cpp's text format, which is "
-                                 f"already preprocessed; raw text needs the original jsonl")
+            raise HellaSwagError(
+                f"--preprocess {preprocess_mode}: {path} is llama.cpp's text format, which is "
+                f"already preprocessed; raw text needs the original jsonl"
+            )
         examples = parse_txt(text, str(path))
     if not examples:
         raise HellaSwagError(f"{path}: expected HellaSwag items, found none")
     return examples[:limit] if limit else examples
 
 
-__all__ = ["Example", "HellaSwagError", "URL", "BLOB_IDS", "preprocess", "git_blob_id", "fetch", "download",
-           "parse_jsonl", "parse_txt", "load_examples", "cache_dir"]
+__all__ = [
+    "Example",
+    "HellaSwagError",
+    "URL",
+    "BLOB_IDS",
+    "preprocess",
+    "git_blob_id",
+    "fetch",
+    "download",
+    "parse_jsonl",
+    "parse_txt",
+    "load_examples",
+    "cache_dir",
+]

@@ -85,11 +85,19 @@ class BatchLoader:
 
     kind = "data"  # names the loader in error messages
 
-    def __init__(self, global_batch_size: int, process_index: int, process_count: int, prefetch: int,
-                 read_threads: int = 1, first_row: int = 0):
+    def __init__(
+        self,
+        global_batch_size: int,
+        process_index: int,
+        process_count: int,
+        prefetch: int,
+        read_threads: int = 1,
+        first_row: int = 0,
+    ):
         if global_batch_size < 1 or global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} must be positive and divisible by "
-                             f"process_count {process_count}")
+            raise ValueError(
+                f"global_batch_size {global_batch_size} must be positive and divisible by process_count {process_count}"
+            )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         if first_row < 0:
@@ -138,11 +146,14 @@ class BatchLoader:
         """Continue from a saved state: the next batch is batch `state["step"]`."""
         for k, mine in self.identity().items():
             if state.get(k) != mine:
-                raise ValueError(f"{self.kind} state: saved {k}={state.get(k)!r} but this loader has {mine!r} "
-                                 f"(different data or config; batches would not match)")
+                raise ValueError(
+                    f"{self.kind} state: saved {k}={state.get(k)!r} but this loader has {mine!r} "
+                    f"(different data or config; batches would not match)"
+                )
         if state.get("first_row", 0) != self.first_row:
-            raise ValueError(f"{self.kind} state: saved first_row={state.get('first_row', 0)} but this loader has "
-                             f"{self.first_row}")
+            raise ValueError(
+                f"{self.kind} state: saved first_row={state.get('first_row', 0)} but this loader has {self.first_row}"
+            )
         self._iter.set_state(state["grain"])
 
 
@@ -151,9 +162,18 @@ class WindowLoader(BatchLoader):
 
     kind = "token data"
 
-    def __init__(self, shards: ShardSet, seq_len: int, global_batch_size: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1, prefetch: int = 2, read_threads: int = 1,
-                 first_row: int = 0):
+    def __init__(
+        self,
+        shards: ShardSet,
+        seq_len: int,
+        global_batch_size: int,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        prefetch: int = 2,
+        read_threads: int = 1,
+        first_row: int = 0,
+    ):
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         self.shards, self.seq_len, self.seed = shards, seq_len, int(seed)
@@ -161,8 +181,10 @@ class WindowLoader(BatchLoader):
         # Same count for every offset in [0, T], so each epoch has exactly W windows.
         self.windows_per_epoch = (shards.num_tokens - seq_len) // self.window
         if self.windows_per_epoch < 1:
-            raise ValueError(f"{shards.path}: {shards.split} split has {shards.num_tokens} tokens, "
-                             f"too few for one window of {self.window} (need {2 * seq_len + 1})")
+            raise ValueError(
+                f"{shards.path}: {shards.split} split has {shards.num_tokens} tokens, "
+                f"too few for one window of {self.window} (need {2 * seq_len + 1})"
+            )
         self.permutation = EpochPermutation(self.windows_per_epoch, self.seed, "table")
         super().__init__(global_batch_size, process_index, process_count, prefetch, read_threads, first_row)
 
@@ -186,8 +208,13 @@ class WindowLoader(BatchLoader):
         return Batch.of_tokens(tokens)
 
     def _identity(self) -> dict:
-        return {"version": STATE_VERSION, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch_size": self.global_batch_size, "num_tokens": self.shards.num_tokens}
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "global_batch_size": self.global_batch_size,
+            "num_tokens": self.shards.num_tokens,
+        }
 
 
 @dataclass
@@ -218,8 +245,17 @@ class Rows:
 class RowLoader(BatchLoader):
     """Rows of a fixed table in a fresh permutation each epoch: `Batch` of [local_batch, ...] rows."""
 
-    def __init__(self, rows: Rows, global_batch_size: int, seed: int = 0, process_index: int = 0,
-                 process_count: int = 1, prefetch: int = 2, kind: str = "chat", first_row: int = 0):
+    def __init__(
+        self,
+        rows: Rows,
+        global_batch_size: int,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        prefetch: int = 2,
+        kind: str = "chat",
+        first_row: int = 0,
+    ):
         if rows.num_rows < 1:
             raise ValueError(f"{kind} data: no rows (every record filtered out?)")
         self.rows, self.seed, self.row_kind = rows, int(seed), kind
@@ -232,20 +268,26 @@ class RowLoader(BatchLoader):
         return Batch(self.rows.tokens[r], self.rows.mask[r])
 
     def _identity(self) -> dict:
-        return {"version": STATE_VERSION, "kind": self.row_kind, "seed": self.seed,
-                "global_batch_size": self.global_batch_size, "num_rows": self.rows.num_rows,
-                "content_hash": self.rows.content_hash}
+        return {
+            "version": STATE_VERSION,
+            "kind": self.row_kind,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "num_rows": self.rows.num_rows,
+            "content_hash": self.rows.content_hash,
+        }
 
 
 def _local(batch: Batch, size: int, process_index: int, process_count: int) -> Batch:
     if size % process_count:
         raise ValueError(f"validation batch of {size} rows is not divisible by process_count {process_count}")
     local = size // process_count
-    return Batch(*(x[process_index * local:(process_index + 1) * local] for x in batch))
+    return Batch(*(x[process_index * local : (process_index + 1) * local] for x in batch))
 
 
-def val_windows(shards: ShardSet, seq_len: int, batch_size: int, num_windows: int,
-                process_index: int = 0, process_count: int = 1) -> list[Batch]:
+def val_windows(
+    shards: ShardSet, seq_len: int, batch_size: int, num_windows: int, process_index: int = 0, process_count: int = 1
+) -> list[Batch]:
     """A fixed set of validation windows, identical on every call, as batches of the same shape.
 
     Windows are non-overlapping and evenly spread over the whole split. Their number is capped by
@@ -254,8 +296,9 @@ def val_windows(shards: ShardSet, seq_len: int, batch_size: int, num_windows: in
     window = seq_len + 1
     available = shards.num_tokens // window
     if available < 1:
-        raise ValueError(f"{shards.path}: {shards.split} split has {shards.num_tokens} tokens, "
-                         f"too few for one window of {window}")
+        raise ValueError(
+            f"{shards.path}: {shards.split} split has {shards.num_tokens} tokens, too few for one window of {window}"
+        )
     if num_windows < 1 or batch_size < 1:
         raise ValueError(f"num_windows and batch_size must be positive, got {num_windows} and {batch_size}")
     n = min(num_windows, available)
@@ -265,14 +308,13 @@ def val_windows(shards: ShardSet, seq_len: int, batch_size: int, num_windows: in
     size = min(batch_size, n)
     batches = []
     for b in range(0, n, size):
-        tokens = shards.gather(starts[b:b + size], window)
-        shards.check_vocab(tokens, starts[b:b + size])  # a corrupt val shard fails here, it never scores
+        tokens = shards.gather(starts[b : b + size], window)
+        shards.check_vocab(tokens, starts[b : b + size])  # a corrupt val shard fails here, it never scores
         batches.append(_local(Batch.of_tokens(tokens), size, process_index, process_count))
     return batches
 
 
-def val_rows(rows: Rows, batch_size: int, pad_id: int, process_index: int = 0,
-             process_count: int = 1) -> list[Batch]:
+def val_rows(rows: Rows, batch_size: int, pad_id: int, process_index: int = 0, process_count: int = 1) -> list[Batch]:
     """Every row in order, in batches of `batch_size` (global; a process gets its rows of each).
 
     The last batch is filled up with `pad_id` rows whose mask is all 0, so every batch has the same
@@ -282,5 +324,7 @@ def val_rows(rows: Rows, batch_size: int, pad_id: int, process_index: int = 0,
     n_pad = -rows.num_rows % batch_size
     tokens = np.concatenate([rows.tokens, np.full((n_pad, rows.seq_len + 1), pad_id, np.int32)])
     mask = np.concatenate([rows.mask, np.zeros((n_pad, rows.seq_len), np.float32)]).astype(np.float32)
-    return [_local(Batch(tokens[b:b + batch_size], mask[b:b + batch_size]), batch_size, process_index, process_count)
-            for b in range(0, len(tokens), batch_size)]
+    return [
+        _local(Batch(tokens[b : b + batch_size], mask[b : b + batch_size]), batch_size, process_index, process_count)
+        for b in range(0, len(tokens), batch_size)
+    ]

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -47,8 +47,9 @@ class Verification:
     `done` is set when every shard was hashed, a mismatch was found, or `stop()` was called."""
 
     def __init__(self, shard_sets: list[ShardSet]):
-        self.jobs = [(f, e["sha256"]) for s in shard_sets
-                     for f, e in zip(s.files, s.manifest["splits"][s.split]["shards"])]
+        self.jobs = [
+            (f, e["sha256"]) for s in shard_sets for f, e in zip(s.files, s.manifest["splits"][s.split]["shards"])
+        ]
         self.num_bytes = sum(os.path.getsize(f) for f, _ in self.jobs)
         self.error: ShardError | None = None
         self.done, self._stop = threading.Event(), threading.Event()
@@ -66,8 +67,10 @@ class Verification:
                     self.error = ShardError(f"{path}: could not be read to verify it ({e.strerror or e})")
                     return
                 if not ok:
-                    self.error = ShardError(f"{path}: sha256 does not match the manifest (corrupt shard; "
-                                            f"found by the background verification, data.verify=background)")
+                    self.error = ShardError(
+                        f"{path}: sha256 does not match the manifest (corrupt shard; "
+                        f"found by the background verification, data.verify=background)"
+                    )
                     return
         finally:
             self.done.set()
@@ -105,9 +108,17 @@ class Data:
         return v is not None and v.done.is_set() and v.error is None and not v._stop.is_set()
 
 
-def open_data(cfg: DataConfig, seq_len: int, batch_size: int, val_batch_size: int, process_index: int = 0,
-              process_count: int = 1, train: bool = True, first_row: int = 0,
-              reference: Callable[[Rows], np.ndarray] | None = None) -> Data:
+def open_data(
+    cfg: DataConfig,
+    seq_len: int,
+    batch_size: int,
+    val_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    train: bool = True,
+    first_row: int = 0,
+    reference: Callable[[Rows], np.ndarray] | None = None,
+) -> Data:
     """The loader and validation batches `cfg` describes, for sequences of `seq_len` tokens.
 
     `batch_size` is the global batch per step; `val_batch_size` the global batch per validation call
@@ -115,80 +126,146 @@ def open_data(cfg: DataConfig, seq_len: int, batch_size: int, val_batch_size: in
     validation batches are built. Preference data needs `reference(rows) -> [N] float32`, each row's
     log-probability under the reference model (fgpt_jax.eval.dpo.Reference)."""
     if not cfg.path:
-        raise ValueError("data.path: empty; expected a shard directory, the bundled corpus "
-                         "'tinyshakespeare', or (format chat/preference) a conversations or preference file")
+        raise ValueError(
+            "data.path: empty; expected a shard directory, the bundled corpus "
+            "'tinyshakespeare', or (format chat/preference) a conversations or preference file"
+        )
     if cfg.format == "chat":
         return _chat(cfg, seq_len, batch_size, val_batch_size, process_index, process_count, train, first_row)
     if cfg.format == "preference":
         if reference is None:
-            raise ValueError("data.format=preference: needs the reference model's log-probabilities (a DPO run's "
-                             "init_from)")
-        return _preference(cfg, seq_len, batch_size, val_batch_size, process_index, process_count, train, first_row,
-                           reference)
+            raise ValueError(
+                "data.format=preference: needs the reference model's log-probabilities (a DPO run's init_from)"
+            )
+        return _preference(
+            cfg, seq_len, batch_size, val_batch_size, process_index, process_count, train, first_row, reference
+        )
     path = resolve(cfg.path)
     blocking = cfg.verify == "startup" or (cfg.verify == "background" and not train)
     opened: list[ShardSet] = []
     loader, notes, val = None, [], []
     if train:
         opened.append(open_shards(path, "train", verify=blocking))
-        loader = WindowLoader(opened[-1], seq_len, batch_size, seed=cfg.seed, process_index=process_index,
-                              process_count=process_count, prefetch=cfg.prefetch, read_threads=cfg.read_threads,
-                              first_row=first_row)
+        loader = WindowLoader(
+            opened[-1],
+            seq_len,
+            batch_size,
+            seed=cfg.seed,
+            process_index=process_index,
+            process_count=process_count,
+            prefetch=cfg.prefetch,
+            read_threads=cfg.read_threads,
+            first_row=first_row,
+        )
     if read_manifest(path)["splits"]["val"]["num_tokens"] == 0:
         notes.append(f"data.path {cfg.path}: no validation split (made with --val-fraction 0); val/loss is skipped")
     else:
         opened.append(open_shards(path, "val", verify=blocking))
-        val = val_windows(opened[-1], seq_len, val_batch_size, cfg.val_windows,
-                          process_index=process_index, process_count=process_count)
+        val = val_windows(
+            opened[-1],
+            seq_len,
+            val_batch_size,
+            cfg.val_windows,
+            process_index=process_index,
+            process_count=process_count,
+        )
     verification = None
     if cfg.verify == "background" and not blocking:
         verification = Verification(opened)
         size = verification.num_bytes
-        notes.append(f"data.path {cfg.path}: checking the sha256 of {len(verification.jobs)} shards "
-                     f"({f'{size / 1e9:.1f} GB' if size >= 1e9 else f'{size / 1e6:.1f} MB'}) in the background "
-                     f"(data.verify=background)")
+        notes.append(
+            f"data.path {cfg.path}: checking the sha256 of {len(verification.jobs)} shards "
+            f"({f'{size / 1e9:.1f} GB' if size >= 1e9 else f'{size / 1e6:.1f} MB'}) in the background "
+            f"(data.verify=background)"
+        )
     elif cfg.verify == "off":
-        notes.append(f"data.path {cfg.path}: shards are not hashed (data.verify=off): a change outside each "
-                     f"shard's fingerprint and sampled blocks goes unnoticed unless it leaves the vocabulary")
+        notes.append(
+            f"data.path {cfg.path}: shards are not hashed (data.verify=off): a change outside each "
+            f"shard's fingerprint and sampled blocks goes unnoticed unless it leaves the vocabulary"
+        )
     return Data(loader, val, notes, verification=verification)
 
 
-def _chat(cfg: DataConfig, seq_len, batch_size, val_batch_size, process_index, process_count, train,
-          first_row) -> Data:
-    chat = build_chat_data(load_conversations(cfg.path, limit=cfg.limit or None), seq_len,
-                           max_prompt_tokens=cfg.max_prompt_tokens, max_response_tokens=cfg.max_response_tokens,
-                           pack=cfg.pack, val_fraction=cfg.val_fraction, seed=cfg.seed)
+def _chat(cfg: DataConfig, seq_len, batch_size, val_batch_size, process_index, process_count, train, first_row) -> Data:
+    chat = build_chat_data(
+        load_conversations(cfg.path, limit=cfg.limit or None),
+        seq_len,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        max_response_tokens=cfg.max_response_tokens,
+        pack=cfg.pack,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+    )
     if chat.train.num_rows == 0 and train:
-        raise ValueError(f"data.path {cfg.path}: no conversation fits ({chat.stats['dropped_too_long']} too long, "
-                         f"{chat.stats['dropped_prompt']} prompt, {chat.stats['dropped_response']} response over the "
-                         f"limits); raise train.seq_len / data.max_*_tokens or use another source")
-    loader = (RowLoader(chat.train, batch_size, seed=cfg.seed, process_index=process_index,
-                        process_count=process_count, prefetch=cfg.prefetch, kind="chat", first_row=first_row)
-              if train else None)
-    val = (val_rows(chat.val, val_batch_size, get_tokenizer().eot_id, process_index, process_count)
-           if chat.val.num_rows else [])
+        raise ValueError(
+            f"data.path {cfg.path}: no conversation fits ({chat.stats['dropped_too_long']} too long, "
+            f"{chat.stats['dropped_prompt']} prompt, {chat.stats['dropped_response']} response over the "
+            f"limits); raise train.seq_len / data.max_*_tokens or use another source"
+        )
+    loader = (
+        RowLoader(
+            chat.train,
+            batch_size,
+            seed=cfg.seed,
+            process_index=process_index,
+            process_count=process_count,
+            prefetch=cfg.prefetch,
+            kind="chat",
+            first_row=first_row,
+        )
+        if train
+        else None
+    )
+    val = (
+        val_rows(chat.val, val_batch_size, get_tokenizer().eot_id, process_index, process_count)
+        if chat.val.num_rows
+        else []
+    )
     notes = [] if val else [f"data.path {cfg.path}: no conversation in the validation split; val/loss is skipped"]
     return Data(loader, val, notes, chat.stats)
 
 
-def _preference(cfg: DataConfig, seq_len, batch_size, val_batch_size, process_index, process_count, train,
-                first_row, reference) -> Data:
-    pref = build_preference_data(load_pairs(cfg.path, limit=cfg.limit or None), seq_len,
-                                 max_prompt_tokens=cfg.max_prompt_tokens, max_response_tokens=cfg.max_response_tokens,
-                                 truncate=cfg.truncate, val_fraction=cfg.val_fraction)
+def _preference(
+    cfg: DataConfig, seq_len, batch_size, val_batch_size, process_index, process_count, train, first_row, reference
+) -> Data:
+    pref = build_preference_data(
+        load_pairs(cfg.path, limit=cfg.limit or None),
+        seq_len,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        max_response_tokens=cfg.max_response_tokens,
+        truncate=cfg.truncate,
+        val_fraction=cfg.val_fraction,
+    )
     s = pref.stats
     if pref.train.num_rows == 0 and train:
-        raise ValueError(f"data.path {cfg.path}: no preference pair fits ({s['dropped_too_long']} too long, "
-                         f"{s['dropped_prompt']} prompt, {s['dropped_response']} response over the limits, "
-                         f"{s['dropped_empty']} empty, {s['dropped_identical']} identical); raise train.seq_len / "
-                         f"data.max_*_tokens, set data.truncate=true, or use another source")
-    loader = (PairLoader(pref.train, reference(pref.train), batch_size, seed=cfg.seed, process_index=process_index,
-                         process_count=process_count, prefetch=cfg.prefetch, first_row=first_row)
-              if train else None)
-    val = (val_pairs(pref.val, reference(pref.val), val_batch_size, get_tokenizer().eot_id, process_index,
-                     process_count) if pref.val.num_rows else [])
-    notes = [] if val else [f"data.path {cfg.path}: no preference pair in the validation split; val metrics are "
-                            f"skipped"]
+        raise ValueError(
+            f"data.path {cfg.path}: no preference pair fits ({s['dropped_too_long']} too long, "
+            f"{s['dropped_prompt']} prompt, {s['dropped_response']} response over the limits, "
+            f"{s['dropped_empty']} empty, {s['dropped_identical']} identical); raise train.seq_len / "
+            f"data.max_*_tokens, set data.truncate=true, or use another source"
+        )
+    loader = (
+        PairLoader(
+            pref.train,
+            reference(pref.train),
+            batch_size,
+            seed=cfg.seed,
+            process_index=process_index,
+            process_count=process_count,
+            prefetch=cfg.prefetch,
+            first_row=first_row,
+        )
+        if train
+        else None
+    )
+    val = (
+        val_pairs(pref.val, reference(pref.val), val_batch_size, get_tokenizer().eot_id, process_index, process_count)
+        if pref.val.num_rows
+        else []
+    )
+    notes = (
+        [] if val else [f"data.path {cfg.path}: no preference pair in the validation split; val metrics are skipped"]
+    )
     return Data(loader, val, notes, s)
 
 

@@ -62,6 +62,7 @@ _TURN = re.compile(r"\n\n(Human|Assistant):")
 @dataclass(frozen=True)
 class Pair:
     """One preference: the conversation so far (ending with a user turn) and two replies to it."""
+
     prompt: tuple[tuple[str, str], ...]  # (role, content) messages
     chosen: str
     rejected: str
@@ -82,8 +83,7 @@ def _turns(msgs, what: str, bad, role_key: str, text_key: str, roles: dict, noun
     out = []
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get(role_key) not in roles or not isinstance(m.get(text_key), str):
-            raise bad(f"{what} {noun} {j} must be {{{role_key}: {'/'.join(roles)}, {text_key}: string}}, "
-                      f"got {m!r:.80}")
+            raise bad(f"{what} {noun} {j} must be {{{role_key}: {'/'.join(roles)}, {text_key}: string}}, got {m!r:.80}")
         out.append((roles[m[role_key]], m[text_key]))
     return out
 
@@ -100,18 +100,24 @@ def _transcript(text: str, what: str, bad) -> list[tuple[str, str]]:
     """An Anthropic/hh-rlhf transcript "\\n\\nHuman: ...\\n\\nAssistant: ..." as messages."""
     parts = _TURN.split(text if text.startswith("\n\n") else "\n\n" + text)
     if parts[0].strip() or len(parts) < 3:
-        raise bad(f"'{what}' is a string but not a transcript ('\\n\\nHuman: ...\\n\\nAssistant: ...'); "
-                  f"give a 'prompt' for reply strings")
-    return [("user" if role == "Human" else "assistant", content.strip())
-            for role, content in zip(parts[1::2], parts[2::2])]
+        raise bad(
+            f"'{what}' is a string but not a transcript ('\\n\\nHuman: ...\\n\\nAssistant: ...'); "
+            f"give a 'prompt' for reply strings"
+        )
+    return [
+        ("user" if role == "Human" else "assistant", content.strip()) for role, content in zip(parts[1::2], parts[2::2])
+    ]
 
 
 def _reply(value, what: str, bad) -> str:
     """A ShareGPT reply: {from: gpt, value} or a plain string."""
     if isinstance(value, str):
         return value
-    if (isinstance(value, dict) and SHAREGPT_ROLES.get(value.get("from")) == "assistant"
-            and isinstance(value.get("value"), str)):
+    if (
+        isinstance(value, dict)
+        and SHAREGPT_ROLES.get(value.get("from")) == "assistant"
+        and isinstance(value.get("value"), str)
+    ):
         return value["value"]
     raise bad(f"'{what}' must be {{from: gpt, value: string}} or a string, got {value!r:.80}")
 
@@ -123,12 +129,15 @@ def _check_prompt(prompt: list[tuple[str, str]], bad) -> None:
         if role == "system" and j:
             raise bad(f"turn {j}: a system message may only come first")
     if prompt[-1][0] != "user":
-        raise bad(f"the conversation must end with a user turn (the one both replies answer), "
-                  f"it ends with a {prompt[-1][0]} turn")
+        raise bad(
+            f"the conversation must end with a user turn (the one both replies answer), "
+            f"it ends with a {prompt[-1][0]} turn"
+        )
 
 
 def to_pair(rec, where: str, i: int) -> Pair:
     """One record of any layout above as a Pair; DataError naming `where` and record `i` otherwise."""
+
     def bad(why: str):
         return DataError(f"{where}: record {i}: {why}")
 
@@ -136,8 +145,10 @@ def to_pair(rec, where: str, i: int) -> Pair:
         raise bad(f"expected an object, got {type(rec).__name__}")
     rec = {k: v for k, v in rec.items() if v is not None}  # columnar sources fill absent columns with None
     if "conversations" not in rec and "chosen" not in rec and "rejected" not in rec:
-        raise bad(f"unknown layout (keys: {', '.join(sorted(map(str, rec))) or 'none'}); expected 'chosen' and "
-                  f"'rejected' replies, after 'conversations' (ShareGPT) or a 'prompt'")
+        raise bad(
+            f"unknown layout (keys: {', '.join(sorted(map(str, rec))) or 'none'}); expected 'chosen' and "
+            f"'rejected' replies, after 'conversations' (ShareGPT) or a 'prompt'"
+        )
     for k in ("chosen", "rejected"):
         if k not in rec:
             raise bad(f"missing '{k}'")
@@ -180,6 +191,7 @@ def load_pairs(path: str, limit: int | None = None) -> list[Pair]:
 @dataclass
 class PreferenceData:
     """Train and validation row pairs (`Rows`, 2 rows per pair) and what was kept, cut and dropped."""
+
     train: Rows
     val: Rows
     stats: dict = field(default_factory=dict)
@@ -211,15 +223,21 @@ def _layout(items: list[tuple[list[int], list[int], list[int]]], seq_len: int, e
     loss = np.zeros((2 * len(items), width), np.float32)
     for i, (prompt, chosen, rejected) in enumerate(items):
         for r, reply in ((2 * i, chosen), (2 * i + 1, rejected)):
-            tokens[r, :len(prompt) + len(reply)] = prompt + reply
-            loss[r, len(prompt):len(prompt) + len(reply)] = 1
+            tokens[r, : len(prompt) + len(reply)] = prompt + reply
+            loss[r, len(prompt) : len(prompt) + len(reply)] = 1
     # Aligned with the targets (mask[:, t] is about tokens[:, t + 1]); loss[:, 0] is the prompt's <|endoftext|>.
     return Rows(tokens=tokens, mask=np.ascontiguousarray(loss[:, 1:]), num_records=len(items))
 
 
-def build_preference_data(pairs: list[Pair], seq_len: int, *, max_prompt_tokens: int = 0,
-                          max_response_tokens: int = 0, truncate: bool = False, val_fraction: float = 0.05
-                          ) -> PreferenceData:
+def build_preference_data(
+    pairs: list[Pair],
+    seq_len: int,
+    *,
+    max_prompt_tokens: int = 0,
+    max_response_tokens: int = 0,
+    truncate: bool = False,
+    val_fraction: float = 0.05,
+) -> PreferenceData:
     """Render, filter (or cut), split and lay out pairs as rows; see the module docstring for the rules."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -228,8 +246,20 @@ def build_preference_data(pairs: list[Pair], seq_len: int, *, max_prompt_tokens:
     if max_prompt_tokens < 0 or max_response_tokens < 0:
         raise ValueError("max_prompt_tokens and max_response_tokens must be >= 0 (0 = no limit)")
     tok = get_tokenizer()
-    stats = {k: 0 for k in ("loaded", "kept", "dropped_empty", "dropped_identical", "dropped_prompt",
-                            "dropped_response", "dropped_too_long", "truncated_prompt", "truncated_response")}
+    stats = {
+        k: 0
+        for k in (
+            "loaded",
+            "kept",
+            "dropped_empty",
+            "dropped_identical",
+            "dropped_prompt",
+            "dropped_response",
+            "dropped_too_long",
+            "truncated_prompt",
+            "truncated_response",
+        )
+    }
     stats["loaded"] = len(pairs)
     splits: dict[str, list] = {"train": [], "val": []}
     for pair in pairs:
@@ -258,13 +288,19 @@ def build_preference_data(pairs: list[Pair], seq_len: int, *, max_prompt_tokens:
             continue
         stats["kept"] += 1
         splits["val" if in_val_split(pair.key(), val_fraction) else "train"].append((prompt, *replies))
-    data = PreferenceData(train=_layout(splits["train"], seq_len, tok.eot_id),
-                          val=_layout(splits["val"], seq_len, tok.eot_id))
+    data = PreferenceData(
+        train=_layout(splits["train"], seq_len, tok.eot_id), val=_layout(splits["val"], seq_len, tok.eot_id)
+    )
     for name in ("train", "val"):
         rows = getattr(data, name)
         stats |= {f"{name}_pairs": rows.num_records, f"{name}_reply_tokens": int(rows.mask.sum())}
-    stats |= {"seq_len": seq_len, "max_prompt_tokens": max_prompt_tokens, "max_response_tokens": max_response_tokens,
-              "truncate": truncate, "val_fraction": val_fraction}
+    stats |= {
+        "seq_len": seq_len,
+        "max_prompt_tokens": max_prompt_tokens,
+        "max_response_tokens": max_response_tokens,
+        "truncate": truncate,
+        "val_fraction": val_fraction,
+    }
     data.stats = stats
     return data
 
@@ -273,8 +309,10 @@ def build_preference_data(pairs: list[Pair], seq_len: int, *, max_prompt_tokens:
 def _check(rows: Rows, ref_logp: np.ndarray, kind: str) -> np.ndarray:
     ref_logp = np.asarray(ref_logp, np.float32)
     if rows.num_rows % 2 or ref_logp.shape != (rows.num_rows,):
-        raise ValueError(f"{kind}: {rows.num_rows} rows (pairs of 2) and reference log-probs of shape "
-                         f"{ref_logp.shape}: expected one per row")
+        raise ValueError(
+            f"{kind}: {rows.num_rows} rows (pairs of 2) and reference log-probs of shape "
+            f"{ref_logp.shape}: expected one per row"
+        )
     return ref_logp
 
 
@@ -286,8 +324,17 @@ class PairLoader(BatchLoader):
 
     kind = "preference data"
 
-    def __init__(self, rows: Rows, ref_logp: np.ndarray, global_batch_size: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1, prefetch: int = 2, first_row: int = 0):
+    def __init__(
+        self,
+        rows: Rows,
+        ref_logp: np.ndarray,
+        global_batch_size: int,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        prefetch: int = 2,
+        first_row: int = 0,
+    ):
         self.ref_logp = _check(rows, ref_logp, self.kind)
         if rows.num_rows < 2:
             raise ValueError(f"{self.kind}: no pairs (every record filtered out?)")
@@ -304,13 +351,20 @@ class PairLoader(BatchLoader):
 
     def _identity(self) -> dict:
         # The reference's hash too: batches carry its log-probs, so a different reference is different data.
-        return {"version": STATE_VERSION, "kind": "preference", "seed": self.seed,
-                "global_batch_size": self.global_batch_size, "num_pairs": self.num_pairs,
-                "content_hash": self.rows.content_hash, "reference_hash": self.ref_hash}
+        return {
+            "version": STATE_VERSION,
+            "kind": "preference",
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "num_pairs": self.num_pairs,
+            "content_hash": self.rows.content_hash,
+            "reference_hash": self.ref_hash,
+        }
 
 
-def val_pairs(rows: Rows, ref_logp: np.ndarray, batch_pairs: int, pad_id: int, process_index: int = 0,
-              process_count: int = 1) -> list[PreferenceBatch]:
+def val_pairs(
+    rows: Rows, ref_logp: np.ndarray, batch_pairs: int, pad_id: int, process_index: int = 0, process_count: int = 1
+) -> list[PreferenceBatch]:
     """Every pair in order, in batches of `batch_pairs` (global; a process gets its pairs of each).
 
     The last batch is filled up with <|endoftext|> pairs whose mask is all 0: the same shape for
@@ -324,5 +378,7 @@ def val_pairs(rows: Rows, ref_logp: np.ndarray, batch_pairs: int, pad_id: int, p
     ref = np.concatenate([ref_logp, np.zeros(n_pad, np.float32)])
     size, local = 2 * batch_pairs, 2 * batch_pairs // process_count
     lo = process_index * local
-    return [PreferenceBatch(tokens[b + lo:b + lo + local], mask[b + lo:b + lo + local], ref[b + lo:b + lo + local])
-            for b in range(0, len(tokens), size)]
+    return [
+        PreferenceBatch(tokens[b + lo : b + lo + local], mask[b + lo : b + lo + local], ref[b + lo : b + lo + local])
+        for b in range(0, len(tokens), size)
+    ]

@@ -48,10 +48,16 @@ def shard_name(split: str, index: int) -> str:
 
 def check_file_name(name: str) -> str:
     """`name` if it is a plain file name (it stays inside its directory); ValueError otherwise."""
-    if (not name or name in (".", "..") or "\0" in name or os.path.isabs(name)
-            or any(sep and sep in name for sep in ("/", "\\", os.sep, os.altsep))):
-        raise ValueError(f"expected a file name inside the shard directory (no path separator, '..' or "
-                         f"absolute path), got {name!r}")
+    if (
+        not name
+        or name in (".", "..")
+        or "\0" in name
+        or os.path.isabs(name)
+        or any(sep and sep in name for sep in ("/", "\\", os.sep, os.altsep))
+    ):
+        raise ValueError(
+            f"expected a file name inside the shard directory (no path separator, '..' or absolute path), got {name!r}"
+        )
     return name
 
 
@@ -74,7 +80,7 @@ def sampled_sha256(tokens: np.ndarray, blocks: int = SAMPLE_BLOCKS, block_tokens
     else:
         starts = np.arange(blocks, dtype=np.int64) * (n - block_tokens) // max(1, blocks - 1)
         for s in starts:
-            h.update(np.ascontiguousarray(tokens[s:s + block_tokens]).tobytes())
+            h.update(np.ascontiguousarray(tokens[s : s + block_tokens]).tobytes())
     return h.hexdigest()[:32]
 
 
@@ -149,6 +155,7 @@ class TokenizerId(_Strict):
 
 class Manifest(_Strict):
     """What manifest.json must hold (the writer's settings plus the splits)."""
+
     format: Literal["fgpt-jax-shards"]
     version: Literal[1]
     tokenizer: TokenizerId
@@ -172,10 +179,10 @@ def _explain(err: dict) -> str:
     """One pydantic error as `field: expected ..., got ...`."""
     msg = err["msg"]
     if msg.startswith("Value error, "):
-        return f"{_field(err['loc'])}: {msg[len('Value error, '):]}"
+        return f"{_field(err['loc'])}: {msg[len('Value error, ') :]}"
     if err["type"] == "missing":
         return f"{_field(err['loc'])}: missing"
-    msg = "expected " + msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
+    msg = "expected " + msg[len("Input should be ") :] if msg.startswith("Input should be ") else msg
     msg = re.sub(r" or instance of \w+$", "", msg)  # pydantic's class names mean nothing to the reader
     got = repr(err.get("input"))
     return f"{_field(err['loc'])}: {msg}, got {got if len(got) <= 40 else got[:37] + '...'}"
@@ -193,8 +200,10 @@ def validate_manifest(m, path: str) -> dict:
         raise ShardError(f"{path}: {_explain(e.errors()[0])}") from None
     tok = get_tokenizer()
     if checked.tokenizer.sha256 != tok.sha256:
-        raise ShardError(f"{path}: shards were made with another tokenizer "
-                         f"(sha256 {checked.tokenizer.sha256}, expected {tok.sha256})")
+        raise ShardError(
+            f"{path}: shards were made with another tokenizer "
+            f"(sha256 {checked.tokenizer.sha256}, expected {tok.sha256})"
+        )
     seen: dict[str, str] = {}
     for split in SPLITS:
         for i, s in enumerate(getattr(checked.splits, split).shards):
@@ -220,8 +229,13 @@ def read_manifest(directory: str) -> dict:
     return validate_manifest(m, path)
 
 
-def load_shard(path: str, num_tokens: int, expected_fingerprint: str | None = None,
-               sha256: str | None = None, sampled: dict | None = None) -> np.ndarray:
+def load_shard(
+    path: str,
+    num_tokens: int,
+    expected_fingerprint: str | None = None,
+    sha256: str | None = None,
+    sampled: dict | None = None,
+) -> np.ndarray:
     """One shard, memmapped and checked against its manifest entry."""
     if not os.path.isfile(path):
         raise ShardError(f"{path}: shard missing")
@@ -246,6 +260,7 @@ def load_shard(path: str, num_tokens: int, expected_fingerprint: str | None = No
 @dataclass
 class ShardSet:
     """The memmapped shards of one split, read as one concatenated token stream."""
+
     path: str  # the shard directory
     split: str
     manifest: dict
@@ -280,9 +295,11 @@ class ShardSet:
             return
         row, col = (int(x[0]) for x in np.nonzero(tokens >= self.vocab_size))
         name, pos = self.locate(int(starts[row]) + col)
-        raise ShardError(f"{name}: token {int(tokens[row, col])} at position {pos} is not below the vocabulary "
-                         f"size {self.vocab_size} (corrupt shard; `python -m fgpt_jax.data check {self.path} "
-                         f"--verify` checks every shard)")
+        raise ShardError(
+            f"{name}: token {int(tokens[row, col])} at position {pos} is not below the vocabulary "
+            f"size {self.vocab_size} (corrupt shard; `python -m fgpt_jax.data check {self.path} "
+            f"--verify` checks every shard)"
+        )
 
     def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
         """tokens[i] = stream[starts[i] : starts[i] + length] as int32, shape [len(starts), length].
@@ -308,7 +325,7 @@ class ShardSet:
             while filled < length:
                 s = int(np.searchsorted(self.offsets, pos, side="right") - 1)
                 take = min(length - filled, int(self.offsets[s + 1]) - pos)
-                out[row, filled:filled + take] = self.arrays[s][pos - self.offsets[s]: pos - self.offsets[s] + take]
+                out[row, filled : filled + take] = self.arrays[s][pos - self.offsets[s] : pos - self.offsets[s] + take]
                 pos, filled = pos + take, filled + take
         return out
 
@@ -321,13 +338,17 @@ def open_shards(path: str, split: str, verify: bool = False) -> ShardSet:
     manifest = read_manifest(path)
     entries = manifest["splits"][split]["shards"]
     if not entries:
-        raise ShardError(f"{os.path.join(path, MANIFEST)}: split {split!r} has no tokens "
-                         f"(val_fraction {manifest.get('val_fraction')})")
+        raise ShardError(
+            f"{os.path.join(path, MANIFEST)}: split {split!r} has no tokens "
+            f"(val_fraction {manifest.get('val_fraction')})"
+        )
     files, arrays = [], []
     for e in entries:
         f = os.path.join(path, e["file"])  # a plain file name: read_manifest checked it
-        arrays.append(load_shard(f, e["num_tokens"], e["fingerprint"], e["sha256"] if verify else None,
-                                 e.get("sampled")))
+        arrays.append(
+            load_shard(f, e["num_tokens"], e["fingerprint"], e["sha256"] if verify else None, e.get("sampled"))
+        )
         files.append(f)
-    return ShardSet(path=path, split=split, manifest=manifest, arrays=arrays, files=files,
-                    vocab_size=get_tokenizer().n_vocab)
+    return ShardSet(
+        path=path, split=split, manifest=manifest, arrays=arrays, files=files, vocab_size=get_tokenizer().n_vocab
+    )

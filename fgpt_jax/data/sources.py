@@ -18,14 +18,17 @@ HUB_TIMEOUT_S = 10.0  # the one Hub request made before streaming (check_hub)
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 # Project Gutenberg markers; the START marker may wrap onto a second line before its closing ***.
-_PG_START = re.compile(r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)[^*]*\*{3}.*$",
-                       re.MULTILINE | re.IGNORECASE)
+_PG_START = re.compile(
+    r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)[^*]*\*{3}.*$", re.MULTILINE | re.IGNORECASE
+)
 _PG_END = re.compile(r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)", re.MULTILINE | re.IGNORECASE)
 # The header's first line names Project Gutenberg ("The Project Gutenberg eBook of ..."); the licence
 # after END closes with the newsletter sentence, or (older files) with "*** END: FULL LICENSE ***".
 _PG_TITLE = re.compile(r"^.*Project Gutenberg", re.MULTILINE | re.IGNORECASE)
-_PG_LICENCE_ENDS = (re.compile(r"^\*{3}\s*END:\s*FULL\s+LICENSE\s*\*{3}", re.MULTILINE | re.IGNORECASE),
-                    re.compile(r"to\s+hear\s+about\s+new\s+e-?books\.", re.IGNORECASE))
+_PG_LICENCE_ENDS = (
+    re.compile(r"^\*{3}\s*END:\s*FULL\s+LICENSE\s*\*{3}", re.MULTILINE | re.IGNORECASE),
+    re.compile(r"to\s+hear\s+about\s+new\s+e-?books\.", re.IGNORECASE),
+)
 _PG_HEADER_MAX = 20_000  # characters before START searched for the header's first line (headers: ~0.5-1.5 KB)
 _PG_LICENCE_MAX = 40_000  # characters after END that may be licence (it is ~18-20 KB)
 _BLANK_LINES = re.compile(r"\n[ \t]*\n+")
@@ -65,7 +68,7 @@ def strip_gutenberg(text: str) -> tuple[str, int]:
         window = min(stop, after + _PG_LICENCE_MAX)
         closing = next((m for m in (r.search(text, after, window) for r in _PG_LICENCE_ENDS) if m), None)
         tail = _line_end(text, closing.end()) if closing else stop if stop - after <= _PG_LICENCE_MAX else after
-        pieces += [text[pos:head], text[body:end.start()]]
+        pieces += [text[pos:head], text[body : end.start()]]
         removed += (body - head) + (tail - end.start())
         pos = tail
     if pos == 0:
@@ -79,8 +82,7 @@ def expand_files(patterns: Sequence[str], flag: str = "--files") -> list[str]:
     files: list[str] = []
     for p in patterns:
         if os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p)
-                           if os.path.splitext(f)[1].lower() in BUILDERS)
+            found = sorted(os.path.join(p, f) for f in os.listdir(p) if os.path.splitext(f)[1].lower() in BUILDERS)
             if not found:
                 raise DataError(f"{p}: directory holds no {'/'.join(sorted(BUILDERS))} files")
             files += found
@@ -121,10 +123,13 @@ class DatasetsSource:
             text = row.get(self.text_field)
             if not isinstance(text, str):
                 if self.text_field not in row:
-                    raise DataError(f"--text-field: column {self.text_field!r} not in {self._where} "
-                                    f"(columns: {', '.join(sorted(row))})")
-                raise DataError(f"{self._where}: column {self.text_field!r} must hold strings, "
-                                f"got {type(text).__name__}")
+                    raise DataError(
+                        f"--text-field: column {self.text_field!r} not in {self._where} "
+                        f"(columns: {', '.join(sorted(row))})"
+                    )
+                raise DataError(
+                    f"{self._where}: column {self.text_field!r} must hold strings, got {type(text).__name__}"
+                )
             doc_id = row.get(self.id_field)
             yield (str(doc_id) if doc_id not in (None, "") else text), text
 
@@ -150,20 +155,28 @@ def check_hub(repo: str, timeout: float = HUB_TIMEOUT_S) -> None:
 
     hint = "download the files elsewhere and pass them with --files"
     if getattr(datasets.config, "HF_HUB_OFFLINE", False) or getattr(datasets.config, "HF_DATASETS_OFFLINE", False):
-        raise DataError(f"--repo {repo}: cannot be streamed, the Hugging Face Hub is off (HF_HUB_OFFLINE or "
-                        f"HF_DATASETS_OFFLINE is set); {hint}")
+        raise DataError(
+            f"--repo {repo}: cannot be streamed, the Hugging Face Hub is off (HF_HUB_OFFLINE or "
+            f"HF_DATASETS_OFFLINE is set); {hint}"
+        )
     try:
         HfApi().dataset_info(repo, timeout=timeout)
     except RepositoryNotFoundError:
-        raise DataError(f"--repo {repo}: no such dataset on the Hub (or it is private or gated: log in with "
-                        f"`hf auth login`)") from None
+        raise DataError(
+            f"--repo {repo}: no such dataset on the Hub (or it is private or gated: log in with `hf auth login`)"
+        ) from None
     except Exception as e:  # connection refused, DNS failure, timeout, proxy or server error
         reason = " ".join(str(e).split())[:160] or type(e).__name__
         raise DataError(f"--repo {repo}: the Hugging Face Hub is unreachable ({reason}); {hint}") from None
 
 
-def hub_source(name: str = "sample-10BT", repo: str = FINEWEB_REPO, split: str = "train",
-               text_field: str = "text", id_field: str = "id") -> DatasetsSource:
+def hub_source(
+    name: str = "sample-10BT",
+    repo: str = FINEWEB_REPO,
+    split: str = "train",
+    text_field: str = "text",
+    id_field: str = "id",
+) -> DatasetsSource:
     """FineWeb-Edu (or any Hub dataset with a text column), streamed; `check_hub` first."""
     check_hub(repo)
     import datasets  # imported late: it is slow to import and only the writer needs it
@@ -171,11 +184,17 @@ def hub_source(name: str = "sample-10BT", repo: str = FINEWEB_REPO, split: str =
     try:
         ds = datasets.load_dataset(repo, name=name, split=split, streaming=True)
     except (ValueError, OSError) as e:  # a bad --name, or the Hub went away between the two requests
-        raise DataError(f"--name {name}: could not stream {repo} ({' '.join(str(e).split())[:300]}); check --name, "
-                        f"or download the files elsewhere and pass them with --files") from e
-    return DatasetsSource(ds, text_field, id_field, f"{repo}/{name}",
-                          {"kind": "hub", "repo": repo, "name": name, "split": split,
-                           "text_field": text_field, "id_field": id_field})
+        raise DataError(
+            f"--name {name}: could not stream {repo} ({' '.join(str(e).split())[:300]}); check --name, "
+            f"or download the files elsewhere and pass them with --files"
+        ) from e
+    return DatasetsSource(
+        ds,
+        text_field,
+        id_field,
+        f"{repo}/{name}",
+        {"kind": "hub", "repo": repo, "name": name, "split": split, "text_field": text_field, "id_field": id_field},
+    )
 
 
 def files_source(patterns: Sequence[str], text_field: str = "text", id_field: str = "id") -> DatasetsSource:
@@ -198,15 +217,28 @@ def files_source(patterns: Sequence[str], text_field: str = "text", id_field: st
 
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     try:
-        ds = datasets.load_dataset(builder, data_files=[os.path.abspath(f) for f in files],
-                                   split="train", streaming=True, **kwargs)
+        ds = datasets.load_dataset(
+            builder, data_files=[os.path.abspath(f) for f in files], split="train", streaming=True, **kwargs
+        )
     except Exception as e:  # datasets raises many types; the user needs the file and the reason
-        raise DataError(f"{files[0] if len(files) == 1 else '--files'}: could not read as {builder}: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise DataError(
+            f"{files[0] if len(files) == 1 else '--files'}: could not read as {builder}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     where = files[0] if len(files) == 1 else f"{len(files)} {builder} files"
-    return DatasetsSource(ds, text_field, id_field, where,
-                          {"kind": "files", "builder": builder, "files": [os.path.basename(f) for f in files],
-                           "text_field": text_field, "id_field": id_field})
+    return DatasetsSource(
+        ds,
+        text_field,
+        id_field,
+        where,
+        {
+            "kind": "files",
+            "builder": builder,
+            "files": [os.path.basename(f) for f in files],
+            "text_field": text_field,
+            "id_field": id_field,
+        },
+    )
 
 
 class TextSource:
@@ -222,8 +254,12 @@ class TextSource:
         self.stripped: dict[str, tuple[int, int]] = {}  # file -> (characters stripped, characters read), when > 0
         self._skip = 0
         self._yielded = 0
-        self.description = {"kind": "text", "files": [os.path.basename(f) for f in self.files],
-                            "blocks": blocks, "gutenberg": gutenberg}
+        self.description = {
+            "kind": "text",
+            "files": [os.path.basename(f) for f in self.files],
+            "blocks": blocks,
+            "gutenberg": gutenberg,
+        }
 
     def _documents(self) -> Iterator[str]:
         for path in self.files:
@@ -255,4 +291,3 @@ class TextSource:
 
     def load_state_dict(self, state: dict) -> None:
         self._skip = self._yielded = int(state["documents"])
-

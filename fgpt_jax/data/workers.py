@@ -47,10 +47,12 @@ def _exit_with_parent(parent_pid: int) -> None:
     if os.getppid() != parent_pid:
         os._exit(1)
     if not watched:
+
         def poll():
             while os.getppid() == parent_pid:
                 time.sleep(0.5)
             os._exit(1)
+
         threading.Thread(target=poll, name="parent watch", daemon=True).start()
 
 
@@ -75,10 +77,16 @@ class Tokeniser:
         # spawn, not fork: the parent runs datasets/pyarrow threads, which fork would copy mid-lock.
         # An executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool here
         # instead of being respawned forever while the parent waits.
-        self.pool = (concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-            initargs=(os.getpid(),))
-            if workers > 1 else None)
+        self.pool = (
+            concurrent.futures.ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(os.getpid(),),
+            )
+            if workers > 1
+            else None
+        )
 
     def submit(self, texts: list[str]) -> concurrent.futures.Future:
         if self.pool:

@@ -38,8 +38,10 @@ PROGRESS = ".progress.json"
 # Every name this module writes (shards, partial buffers, the two records, and their temp files): the
 # only names it ever removes. Anything else in --out, even `train_images.npy`, is the user's.
 _SPLIT = "|".join(SPLITS)
-_OURS = re.compile(rf"^(?:(?:{_SPLIT})_\d{{6}}\.npy|\.partial-(?:{_SPLIT})-\d{{6}}\.npy|"
-                   rf"{re.escape(MANIFEST)}|{re.escape(PROGRESS)})(?:\.tmp\d+)?$")
+_OURS = re.compile(
+    rf"^(?:(?:{_SPLIT})_\d{{6}}\.npy|\.partial-(?:{_SPLIT})-\d{{6}}\.npy|"
+    rf"{re.escape(MANIFEST)}|{re.escape(PROGRESS)})(?:\.tmp\d+)?$"
+)
 _CHUNK_CHARS = 1_000_000  # ~250k tokens per task: small enough to balance workers, large enough to amortise IPC
 
 
@@ -72,8 +74,10 @@ class _SplitWriter:
         if saved and saved.get("partial"):
             part = np.load(os.path.join(out_dir, saved["partial"]), allow_pickle=False)
             if len(part) != saved["partial_tokens"]:
-                raise DataError(f"{os.path.join(out_dir, saved['partial'])}: expected "
-                                f"{saved['partial_tokens']} tokens; delete {out_dir} and start again")
+                raise DataError(
+                    f"{os.path.join(out_dir, saved['partial'])}: expected "
+                    f"{saved['partial_tokens']} tokens; delete {out_dir} and start again"
+                )
             self.buffer, self.buffered = [part], len(part)
 
     @property
@@ -88,8 +92,8 @@ class _SplitWriter:
         wrote = False
         while self.buffered >= self.shard_tokens:
             flat = np.concatenate(self.buffer)
-            self._write(flat[:self.shard_tokens])
-            rest = flat[self.shard_tokens:]
+            self._write(flat[: self.shard_tokens])
+            rest = flat[self.shard_tokens :]
             self.buffer, self.buffered = [rest], len(rest)
             wrote = True
         return wrote
@@ -107,23 +111,42 @@ class _SplitWriter:
         data = buf.getbuffer()
         _fsync_write(path, lambda f: f.write(data))
         sha = hashlib.sha256(data).hexdigest()  # of the bytes written, without reading the file back
-        self.shards.append({"file": name, "num_tokens": int(len(tokens)), "sha256": sha,
-                            "fingerprint": fingerprint(tokens), "sampled": sampled_entry(tokens)})
+        self.shards.append(
+            {
+                "file": name,
+                "num_tokens": int(len(tokens)),
+                "sha256": sha,
+                "fingerprint": fingerprint(tokens),
+                "sampled": sampled_entry(tokens),
+            }
+        )
 
     def save_partial(self, seq: int) -> dict:
         name = None
         if self.buffered:
             name = f".partial-{self.split}-{seq:06d}.npy"
             save_npy(os.path.join(self.out_dir, name), np.concatenate(self.buffer))
-        return {"shards": self.shards, "num_documents": self.num_documents,
-                "partial": name, "partial_tokens": self.buffered}
+        return {
+            "shards": self.shards,
+            "num_documents": self.num_documents,
+            "partial": name,
+            "partial_tokens": self.buffered,
+        }
 
 
 def _settings(source, shard_tokens: int, val_fraction: float, max_tokens: int | None) -> dict:
     tok = get_tokenizer()
-    return {"format": FORMAT, "version": VERSION, "source": source.description,
-            "tokenizer": {"name": tok.name, "sha256": tok.sha256}, "dtype": DTYPE, "eot_id": tok.eot_id,
-            "shard_tokens": shard_tokens, "val_fraction": val_fraction, "max_tokens": max_tokens}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": source.description,
+        "tokenizer": {"name": tok.name, "sha256": tok.sha256},
+        "dtype": DTYPE,
+        "eot_id": tok.eot_id,
+        "shard_tokens": shard_tokens,
+        "val_fraction": val_fraction,
+        "max_tokens": max_tokens,
+    }
 
 
 def _clean(out_dir: str, keep: set[str]) -> None:
@@ -155,8 +178,10 @@ def _previous_run(out_dir: str) -> tuple[dict | None, dict | None]:
             return (record, None) if name == MANIFEST else (None, record)
     names = sorted(n for n in os.listdir(out_dir) if not re.fullmatch(rf"{re.escape(PROGRESS)}\.tmp\d+", n))
     if names:  # not ours (ours always holds its progress record first): refuse rather than clean
-        raise DataError(f"--out {out_dir}: not empty and not a shard directory in progress (it holds {names[0]!r}"
-                        f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}); use a new or empty directory")
+        raise DataError(
+            f"--out {out_dir}: not empty and not a shard directory in progress (it holds {names[0]!r}"
+            f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}); use a new or empty directory"
+        )
     return None, None
 
 
@@ -212,9 +237,16 @@ def _check_progress(state: dict, path: str, out_dir: str) -> dict:
     return state
 
 
-def write_shards(source, out_dir: str, shard_tokens: int = 100_000_000, val_fraction: float = 0.005,
-                 workers: int | None = None, max_tokens: int | None = None, progress: bool = True,
-                 chunk_docs: int = 4096) -> dict:
+def write_shards(
+    source,
+    out_dir: str,
+    shard_tokens: int = 100_000_000,
+    val_fraction: float = 0.005,
+    workers: int | None = None,
+    max_tokens: int | None = None,
+    progress: bool = True,
+    chunk_docs: int = 4096,
+) -> dict:
     """Tokenise `source` into `out_dir`; resume if a previous run stopped. Returns the manifest.
 
     `out_dir` must be new, empty, or a directory this function wrote (its progress record or
@@ -235,8 +267,10 @@ def write_shards(source, out_dir: str, shard_tokens: int = 100_000_000, val_frac
         saved = saved if isinstance(saved, dict) else {}
         for k, v in settings.items():
             if saved.get(k) != v:
-                raise DataError(f"{what}: written with {k}={saved.get(k)!r}, this run has {v!r}; "
-                                f"use another --out directory or delete this one")
+                raise DataError(
+                    f"{what}: written with {k}={saved.get(k)!r}, this run has {v!r}; "
+                    f"use another --out directory or delete this one"
+                )
 
     manifest, state = _previous_run(out_dir)
     if manifest is not None:  # already complete: rerunning is a no-op
@@ -248,8 +282,11 @@ def write_shards(source, out_dir: str, shard_tokens: int = 100_000_000, val_frac
         if state["source_state"] is not None:
             source.load_state_dict(state["source_state"])
     chunks = _chunks(source, chunk_docs)
-    resumed_tokens = 0 if state is None else sum(
-        sum(sh["num_tokens"] for sh in sp["shards"]) + sp["partial_tokens"] for sp in state["splits"].values())
+    resumed_tokens = (
+        0
+        if state is None
+        else sum(sum(sh["num_tokens"] for sh in sp["shards"]) + sp["partial_tokens"] for sp in state["splits"].values())
+    )
     done = max_tokens is not None and resumed_tokens >= max_tokens
     # Read before writing anything: bad input (a missing column, a bad file) fails with one clean line.
     first = None if done else next(chunks, None)
@@ -260,17 +297,24 @@ def write_shards(source, out_dir: str, shard_tokens: int = 100_000_000, val_frac
     try:
         created = _make_dirs(out_dir)
         if state is None:  # the record that marks the directory as ours, before any other file
-            state = {"settings": settings, "documents": 0, "seq": 0, "source_state": None,
-                     "splits": {sp: {"shards": [], "num_documents": 0, "partial": None, "partial_tokens": 0}
-                                for sp in SPLITS}}
+            state = {
+                "settings": settings,
+                "documents": 0,
+                "seq": 0,
+                "source_state": None,
+                "splits": {
+                    sp: {"shards": [], "num_documents": 0, "partial": None, "partial_tokens": 0} for sp in SPLITS
+                },
+            }
             save_json(progress_path, state)
         keep = set()
         for sp in state["splits"].values():
             keep |= {sh["file"] for sh in sp["shards"]} | ({sp["partial"]} if sp["partial"] else set())
         _clean(out_dir, keep)
         writers = {sp: _SplitWriter(sp, out_dir, shard_tokens, state["splits"][sp]) for sp in SPLITS}
-        return _tokenise(source, chunks, first, writers, state, settings, out_dir, workers, val_fraction,
-                         max_tokens, progress, done)
+        return _tokenise(
+            source, chunks, first, writers, state, settings, out_dir, workers, val_fraction, max_tokens, progress, done
+        )
     except BaseException:
         chunks.close()
         if os.path.isdir(out_dir) and not os.path.exists(manifest_path) and _completed_shards(progress_path) == 0:
@@ -286,15 +330,33 @@ def _completed_shards(progress_path: str) -> int:
         return 0
 
 
-def _tokenise(source, chunks, first, writers: dict, state: dict, settings: dict, out_dir: str, workers: int,
-              val_fraction: float, max_tokens: int | None, progress: bool, done: bool) -> dict:
+def _tokenise(
+    source,
+    chunks,
+    first,
+    writers: dict,
+    state: dict,
+    settings: dict,
+    out_dir: str,
+    workers: int,
+    val_fraction: float,
+    max_tokens: int | None,
+    progress: bool,
+    done: bool,
+) -> dict:
     """The pipelined loop of `write_shards`: tokenise chunks in the pool, fill shards, checkpoint the
     progress whenever a shard completes, then write the manifest."""
     manifest_path, progress_path = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, PROGRESS)
     docs_done, seq = int(state["documents"]), int(state["seq"])
     total = sum(w.num_tokens for w in writers.values())
-    bar = tqdm(desc=f"tokenising -> {out_dir}", unit=" docs", initial=docs_done, disable=not progress,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        desc=f"tokenising -> {out_dir}",
+        unit=" docs",
+        initial=docs_done,
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     t0, tokens_at_start = time.perf_counter(), total
     tokeniser = Tokeniser(workers if first is not None else 1)
     pending: collections.deque = collections.deque()  # (val flags, source state after chunk, result)
@@ -315,13 +377,15 @@ def _tokenise(source, chunks, first, writers: dict, state: dict, settings: dict,
             try:
                 tokens, lengths = result.result()
             except concurrent.futures.process.BrokenProcessPool as e:
-                raise DataError("--workers: a tokeniser process died (out of memory, or the program was read from "
-                                "stdin, which spawned workers cannot re-import); retry, or use --workers 1") from e
+                raise DataError(
+                    "--workers: a tokeniser process died (out of memory, or the program was read from "
+                    "stdin, which spawned workers cannot re-import); retry, or use --workers 1"
+                ) from e
             if max_tokens is not None:  # stop after the document that reaches max_tokens
                 ends = np.cumsum(lengths)
                 cut = int(np.searchsorted(ends, max_tokens - total, side="left"))
                 if cut < len(lengths):
-                    tokens, lengths, val_d, done = tokens[:ends[cut]], lengths[:cut + 1], val_d[:cut + 1], True
+                    tokens, lengths, val_d, done = tokens[: ends[cut]], lengths[: cut + 1], val_d[: cut + 1], True
             wrote = False
             if not val_d.any():
                 wrote |= writers["train"].add(tokens, len(lengths))
@@ -332,15 +396,29 @@ def _tokenise(source, chunks, first, writers: dict, state: dict, settings: dict,
             total += len(tokens)
             docs_done += len(lengths)
             bar.update(len(lengths))
-            bar.set_postfix(tokens=f"{total:,}",
-                            tok_s=f"{(total - tokens_at_start) / (time.perf_counter() - t0):,.0f}", refresh=False)
+            bar.set_postfix(
+                tokens=f"{total:,}",
+                tok_s=f"{(total - tokens_at_start) / (time.perf_counter() - t0):,.0f}",
+                refresh=False,
+            )
             if wrote and not done:
                 seq += 1
                 splits = {s: w.save_partial(seq) for s, w in writers.items()}
-                save_json(progress_path, {"settings": settings, "documents": docs_done, "seq": seq,
-                                          "source_state": src_state, "splits": splits})
-                _clean(out_dir, {sh["file"] for s in splits.values() for sh in s["shards"]}
-                       | {s["partial"] for s in splits.values() if s["partial"]})
+                save_json(
+                    progress_path,
+                    {
+                        "settings": settings,
+                        "documents": docs_done,
+                        "seq": seq,
+                        "source_state": src_state,
+                        "splits": splits,
+                    },
+                )
+                _clean(
+                    out_dir,
+                    {sh["file"] for s in splits.values() for sh in s["shards"]}
+                    | {s["partial"] for s in splits.values() if s["partial"]},
+                )
     finally:
         if chunks is not None:
             chunks.close()  # releases the source's readers now, also when max_tokens stops early
@@ -352,8 +430,10 @@ def _tokenise(source, chunks, first, writers: dict, state: dict, settings: dict,
     for w in writers.values():
         w.flush()
     manifest = dict(settings)
-    manifest["splits"] = {s: {"num_tokens": w.num_tokens, "num_documents": w.num_documents, "shards": w.shards}
-                          for s, w in writers.items()}
+    manifest["splits"] = {
+        s: {"num_tokens": w.num_tokens, "num_documents": w.num_documents, "shards": w.shards}
+        for s, w in writers.items()
+    }
     save_json(manifest_path, manifest)
     os.remove(progress_path) if os.path.exists(progress_path) else None
     _clean(out_dir, {sh["file"] for w in writers.values() for sh in w.shards} | {MANIFEST})

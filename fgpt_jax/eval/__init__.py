@@ -1,6 +1,6 @@
 """The eval stage: how good a model is, during training (hooks) and after it (`python -m fgpt_jax.eval`).
 
-  perplexity  validation loss and perplexity: the one implementation the trainer and the CLI share
-  hellaswag   HellaSwag accuracy (acc, acc_norm, acc_token_avg) with a bucketed, jitted, sharded scorer
-  dpo         DPO metrics over preference pairs, and the reference log-probabilities a DPO run keeps
+perplexity  validation loss and perplexity: the one implementation the trainer and the CLI share
+hellaswag   HellaSwag accuracy (acc, acc_norm, acc_token_avg) with a bucketed, jitted, sharded scorer
+dpo         DPO metrics over preference pairs, and the reference log-probabilities a DPO run keeps
 """

@@ -37,41 +37,81 @@ def _parser() -> cli.Parser:
     p = cli.Parser(prog="python -m fgpt_jax.eval", description="Evaluate a run directory's checkpoint.")
     sub = p.add_subparsers(dest="task", required=True, metavar="{val,hellaswag,dpo}", parser_class=cli.Parser)
     common = cli.Parser(add_help=False)
-    common.add_argument("--run", type=Path, required=True, metavar="DIR", help="run directory (config.json + checkpoints/)")
-    common.add_argument("--step", type=cli.int_in(0), metavar="N", help="checkpoint step to evaluate (default: the latest)")
+    common.add_argument(
+        "--run", type=Path, required=True, metavar="DIR", help="run directory (config.json + checkpoints/)"
+    )
+    common.add_argument(
+        "--step", type=cli.int_in(0), metavar="N", help="checkpoint step to evaluate (default: the latest)"
+    )
     common.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
     h = sub.add_parser("hellaswag", parents=[common], help="HellaSwag accuracy (acc, acc_norm, acc_token_avg)")
-    h.add_argument("--data", type=Path, metavar="FILE",
-                   help="HellaSwag items: original jsonl or llama.cpp 6-line .txt, optionally .gz/.bz2 "
-                        "(default: the official hellaswag_val.jsonl, downloaded once into $FGPT_JAX_CACHE/hellaswag)")
+    h.add_argument(
+        "--data",
+        type=Path,
+        metavar="FILE",
+        help="HellaSwag items: original jsonl or llama.cpp 6-line .txt, optionally .gz/.bz2 "
+        "(default: the official hellaswag_val.jsonl, downloaded once into $FGPT_JAX_CACHE/hellaswag)",
+    )
     h.add_argument("--limit", type=cli.positive_int, metavar="N", help="score only the first N items")
-    h.add_argument("--batch-size", type=cli.positive_int, default=32, metavar="N",
-                   help="items per device call, 4 rows each (default 32; rounded up to a multiple of the devices)")
-    h.add_argument("--preprocess", choices=PREPROCESS, default="harness",
-                   help="jsonl text: 'harness' = lm-eval-harness clean-up with the activity label (default); "
-                        "'none' = raw ctx and endings, as build-nanogpt")
+    h.add_argument(
+        "--batch-size",
+        type=cli.positive_int,
+        default=32,
+        metavar="N",
+        help="items per device call, 4 rows each (default 32; rounded up to a multiple of the devices)",
+    )
+    h.add_argument(
+        "--preprocess",
+        choices=PREPROCESS,
+        default="harness",
+        help="jsonl text: 'harness' = lm-eval-harness clean-up with the activity label (default); "
+        "'none' = raw ctx and endings, as build-nanogpt",
+    )
 
     v = sub.add_parser("val", parents=[common], help="validation loss and perplexity")
-    v.add_argument("--data", metavar="DIR_OR_FILE",
-                   help="a shard directory, 'tinyshakespeare', or a conversations file (.json/.jsonl/.parquet: a "
-                        "masked loss on its held-out split) (default: the data the run trained on)")
-    v.add_argument("--max-tokens", type=cli.positive_int, metavar="N",
-                   help="score about N target tokens: N // seq_len windows (default: the run's data.val_windows, "
-                        "the trainer's own validation windows)")
-    v.add_argument("--batch-size", type=cli.positive_int, metavar="N",
-                   help="sequences per device call (default: the run's micro-batch, as in training)")
+    v.add_argument(
+        "--data",
+        metavar="DIR_OR_FILE",
+        help="a shard directory, 'tinyshakespeare', or a conversations file (.json/.jsonl/.parquet: a "
+        "masked loss on its held-out split) (default: the data the run trained on)",
+    )
+    v.add_argument(
+        "--max-tokens",
+        type=cli.positive_int,
+        metavar="N",
+        help="score about N target tokens: N // seq_len windows (default: the run's data.val_windows, "
+        "the trainer's own validation windows)",
+    )
+    v.add_argument(
+        "--batch-size",
+        type=cli.positive_int,
+        metavar="N",
+        help="sequences per device call (default: the run's micro-batch, as in training)",
+    )
 
     d = sub.add_parser("dpo", parents=[common], help="DPO preference metrics against a reference run")
-    d.add_argument("--ref", type=Path, required=True, metavar="DIR",
-                   help="the reference run (a DPO run's init_from: the SFT run it started from)")
+    d.add_argument(
+        "--ref",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the reference run (a DPO run's init_from: the SFT run it started from)",
+    )
     d.add_argument("--ref-step", type=cli.int_in(0), metavar="N", help="the reference's checkpoint (default: latest)")
-    d.add_argument("--data", metavar="FILE",
-                   help="preference pairs (.json/.jsonl/.parquet or a Hub dataset NAME[:SPLIT]): every pair that fits "
-                        "the context (default: the run's validation pairs)")
+    d.add_argument(
+        "--data",
+        metavar="FILE",
+        help="preference pairs (.json/.jsonl/.parquet or a Hub dataset NAME[:SPLIT]): every pair that fits "
+        "the context (default: the run's validation pairs)",
+    )
     d.add_argument("--limit", type=cli.positive_int, metavar="N", help="read only the first N records")
-    d.add_argument("--batch-size", type=cli.positive_int, metavar="N",
-                   help="pairs per device call (default: the run's micro-batch, as in training)")
+    d.add_argument(
+        "--batch-size",
+        type=cli.positive_int,
+        metavar="N",
+        help="pairs per device call (default: the run's micro-batch, as in training)",
+    )
     return p
 
 
@@ -79,7 +119,8 @@ def _load(run: Path, step: int | None):
     """(graphdef, params replicated on the mesh, cfg, step) of a run's checkpoint."""
     import jax
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from fgpt_jax import sharding as shd
     from fgpt_jax.checkpoint import load_model
@@ -94,34 +135,42 @@ def _load(run: Path, step: int | None):
 
 def _progress(desc: str, total: int, enabled: bool):
     from tqdm import tqdm
+
     return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=not (enabled and sys.stderr.isatty()))
 
 
-def run_val(run: Path, step: int | None, data: str | None, max_tokens: int | None, batch_size: int | None,
-            progress: bool) -> dict:
+def run_val(
+    run: Path, step: int | None, data: str | None, max_tokens: int | None, batch_size: int | None, progress: bool
+) -> dict:
     import jax
 
     from fgpt_jax import sharding as shd
     from fgpt_jax.data.pipeline import open_data
     from fgpt_jax.eval.perplexity import mean_loss, perplexity
     from fgpt_jax.loss import make_eval_step
-
     from fgpt_jax.rundir import RunDir
+
     cfg = RunDir(run).read_config()  # fails on a bad run before the model is loaded
     data_cfg = cfg.data
     if data is not None:
         fmt = "chat" if data.lower().endswith((".json", ".jsonl", ".parquet")) else "tokens"
         data_cfg = dataclasses.replace(cfg.data, path=data, format=fmt)
     elif not cfg.data.path:
-        raise ValueError(f"--run {run}: records no training data (an imported model?); pass --data with a shard "
-                         f"directory, 'tinyshakespeare' or a conversations file")
+        raise ValueError(
+            f"--run {run}: records no training data (an imported model?); pass --data with a shard "
+            f"directory, 'tinyshakespeare' or a conversations file"
+        )
     elif cfg.data.format == "preference":
-        raise ValueError(f"--run {run}: trained on preference pairs; its validation metrics come from python -m "
-                         f"fgpt_jax.eval dpo --run {run} --ref {cfg.init_from} (--data scores a loss on other data)")
+        raise ValueError(
+            f"--run {run}: trained on preference pairs; its validation metrics come from python -m "
+            f"fgpt_jax.eval dpo --run {run} --ref {cfg.init_from} (--data scores a loss on other data)"
+        )
     chat = data_cfg.format == "chat"
     if chat and max_tokens is not None:
-        raise ValueError(f"--max-tokens: applies to token shards; conversations ({data_cfg.path}) are scored whole "
-                         f"(every row of the held-out split)")
+        raise ValueError(
+            f"--max-tokens: applies to token shards; conversations ({data_cfg.path}) are scored whole "
+            f"(every row of the held-out split)"
+        )
     mesh = shd.make_mesh()
     seq_len = cfg.train.seq_len or cfg.model.block_size
     batch = batch_size or cfg.train.batch_size // cfg.train.grad_accum  # the trainer's micro-batch
@@ -138,12 +187,27 @@ def run_val(run: Path, step: int | None, data: str | None, max_tokens: int | Non
     graphdef, params, cfg, step = _load(run, step)
     with _progress("val", len(val.val), progress) as bar:
         loss, tokens = mean_loss(make_eval_step(graphdef), params, val.val, shd.batch_sharding(mesh, 2), bar.update)
-    return {"task": "val", "step": step, "tokens": tokens, "loss": loss, "ppl": perplexity(loss),
-            "data": data_cfg.path, "windows": windows}
+    return {
+        "task": "val",
+        "step": step,
+        "tokens": tokens,
+        "loss": loss,
+        "ppl": perplexity(loss),
+        "data": data_cfg.path,
+        "windows": windows,
+    }
 
 
-def run_dpo(run: Path, step: int | None, ref: Path, ref_step: int | None, data: str | None, limit: int | None,
-            batch_size: int | None, progress: bool) -> dict:
+def run_dpo(
+    run: Path,
+    step: int | None,
+    ref: Path,
+    ref_step: int | None,
+    data: str | None,
+    limit: int | None,
+    batch_size: int | None,
+    progress: bool,
+) -> dict:
     import jax
 
     from fgpt_jax import sharding as shd
@@ -171,8 +235,9 @@ def run_dpo(run: Path, step: int | None, ref: Path, ref_step: int | None, data: 
     if data is None:  # the run's own validation pairs, batched as the trainer batches them
         seq_len = cfg.train.seq_len or cfg.model.block_size
         data_cfg = dataclasses.replace(cfg.data, limit=limit or cfg.data.limit)
-        opened = open_data(data_cfg, seq_len, pairs, pairs, jax.process_index(), jax.process_count(), train=False,
-                           reference=ref_logps)
+        opened = open_data(
+            data_cfg, seq_len, pairs, pairs, jax.process_index(), jax.process_count(), train=False, reference=ref_logps
+        )
         if not opened.val:
             raise ValueError(f"--run {run}: no preference pair in its validation split ({data_cfg.path})")
         batches, stats, path = opened.val, opened.stats, data_cfg.path
@@ -181,23 +246,37 @@ def run_dpo(run: Path, step: int | None, ref: Path, ref_step: int | None, data: 
         built = build_preference_data(load_pairs(data, limit), seq_len, val_fraction=0.0)
         stats, path = built.stats, data
         if not built.train.num_rows:
-            raise ValueError(f"--data {data}: no pair fits the {seq_len}-token context ({stats['dropped_too_long']} "
-                             f"too long, {stats['dropped_empty']} empty, {stats['dropped_identical']} identical)")
-        batches = val_pairs(built.train, ref_logps(built.train), pairs, get_tokenizer().eot_id, jax.process_index(),
-                            jax.process_count())
+            raise ValueError(
+                f"--data {data}: no pair fits the {seq_len}-token context ({stats['dropped_too_long']} "
+                f"too long, {stats['dropped_empty']} empty, {stats['dropped_identical']} identical)"
+            )
+        batches = val_pairs(
+            built.train, ref_logps(built.train), pairs, get_tokenizer().eot_id, jax.process_index(), jax.process_count()
+        )
     ref_step = reference["step"]
     reference.clear()  # frees the reference before the policy loads
     graphdef, params, cfg, step = load_params(run, step, mesh)
     with _progress("dpo", len(batches), progress) as bar:
         metrics = preference_metrics(dpo_eval_step(graphdef, cfg.dpo, mesh), params, batches, mesh, bar.update)
     counts = {k: v for k, v in stats.items() if k == "loaded" or k.startswith(("dropped_", "truncated_"))}
-    return {"task": "dpo", "step": step, "ref": str(ref), "ref_step": ref_step, **metrics, "beta": cfg.dpo.beta,
-            "loss_type": cfg.dpo.loss, "label_smoothing": cfg.dpo.label_smoothing, "data": path, "seq_len": seq_len,
-            **counts}
+    return {
+        "task": "dpo",
+        "step": step,
+        "ref": str(ref),
+        "ref_step": ref_step,
+        **metrics,
+        "beta": cfg.dpo.beta,
+        "loss_type": cfg.dpo.loss,
+        "label_smoothing": cfg.dpo.label_smoothing,
+        "data": path,
+        "seq_len": seq_len,
+        **counts,
+    }
 
 
-def run_hellaswag(run: Path, step: int | None, data: Path | None, limit: int | None, batch_size: int,
-                  preprocess: str, progress: bool) -> dict:
+def run_hellaswag(
+    run: Path, step: int | None, data: Path | None, limit: int | None, batch_size: int, preprocess: str, progress: bool
+) -> dict:
     from fgpt_jax.data.hellaswag import load_examples
     from fgpt_jax.eval.hellaswag import HellaSwagScorer
     from fgpt_jax.rundir import RunDir
@@ -205,13 +284,19 @@ def run_hellaswag(run: Path, step: int | None, data: Path | None, limit: int | N
     RunDir(run).read_config()
     examples = load_examples(data, limit, preprocess)  # bad input fails before the model loads
     graphdef, params, cfg, step = _load(run, step)
-    scorer = HellaSwagScorer(examples, cfg.model.block_size, batch_size=batch_size,
-                             progress=progress and sys.stderr.isatty())
+    scorer = HellaSwagScorer(
+        examples, cfg.model.block_size, batch_size=batch_size, progress=progress and sys.stderr.isatty()
+    )
     t0 = time.perf_counter()
     result = scorer(graphdef, params)
-    return {"task": "hellaswag", "step": step, **result,
-            "data": str(data) if data is not None else "hellaswag_val.jsonl (official)",
-            "preprocess": preprocess, "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "task": "hellaswag",
+        "step": step,
+        **result,
+        "data": str(data) if data is not None else "hellaswag_val.jsonl (official)",
+        "preprocess": preprocess,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,13 +307,23 @@ def main(argv: list[str] | None = None) -> int:
 
         from fgpt_jax.rundir import RunDir
         from fgpt_jax.sharding import initialize_distributed
+
         initialize_distributed()
         if args.task == "hellaswag":
-            record = run_hellaswag(args.run, args.step, args.data, args.limit, args.batch_size, args.preprocess,
-                                   not args.no_progress)
+            record = run_hellaswag(
+                args.run, args.step, args.data, args.limit, args.batch_size, args.preprocess, not args.no_progress
+            )
         elif args.task == "dpo":
-            record = run_dpo(args.run, args.step, args.ref, args.ref_step, args.data, args.limit, args.batch_size,
-                             not args.no_progress)
+            record = run_dpo(
+                args.run,
+                args.step,
+                args.ref,
+                args.ref_step,
+                args.data,
+                args.limit,
+                args.batch_size,
+                not args.no_progress,
+            )
         else:
             record = run_val(args.run, args.step, args.data, args.max_tokens, args.batch_size, not args.no_progress)
         if jax.process_index() == 0:
@@ -241,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     from fgpt_jax.data.hellaswag import HellaSwagError
     from fgpt_jax.data.shards import ShardError
     from fgpt_jax.data.sources import DataError
+
     return cli.run(body, (HellaSwagError, ShardError, ConfigError, CheckpointError, DataError, ValueError))
 
 

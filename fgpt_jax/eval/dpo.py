@@ -22,14 +22,15 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fgpt_jax import sharding as shd
 from fgpt_jax.checkpoint import load_model
@@ -56,8 +57,9 @@ def _eval_step(graphdef, beta, label_smoothing, loss, mesh) -> Callable:
     return make_dpo_eval_step(graphdef, beta, label_smoothing, loss, NamedSharding(mesh, P()))
 
 
-def row_logps(eval_step: Callable, params, rows: Rows, batch_pairs: int, mesh: Mesh,
-              progress: Callable | None = None) -> np.ndarray:
+def row_logps(
+    eval_step: Callable, params, rows: Rows, batch_pairs: int, mesh: Mesh, progress: Callable | None = None
+) -> np.ndarray:
     """[N] float32: each row's reply log-probability under the model, in the batches `val_pairs` makes
     (`batch_pairs` pairs, the last one padded): the very batches validation scores.
 
@@ -67,16 +69,21 @@ def row_logps(eval_step: Callable, params, rows: Rows, batch_pairs: int, mesh: M
     out = []
     for batch in val_pairs(rows, np.zeros(rows.num_rows, np.float32), batch_pairs, get_tokenizer().eot_id):
         # Every process holds all rows: each device takes its slice (no process-local layout needed).
-        arrays = PreferenceBatch(*(jax.make_array_from_callback(x.shape, shd.batch_sharding(mesh, x.ndim),
-                                                                lambda idx, x=x: x[idx]) for x in batch))
+        arrays = PreferenceBatch(
+            *(
+                jax.make_array_from_callback(x.shape, shd.batch_sharding(mesh, x.ndim), lambda idx, x=x: x[idx])
+                for x in batch
+            )
+        )
         out.append(eval_step(params, arrays)[3])
         if progress is not None:
             progress(1)
-    return np.asarray(jax.device_get(jnp.concatenate(out)), np.float32)[:rows.num_rows]
+    return np.asarray(jax.device_get(jnp.concatenate(out)), np.float32)[: rows.num_rows]
 
 
-def preference_metrics(eval_step: Callable, params, batches: Sequence[PreferenceBatch], mesh: Mesh,
-                       progress: Callable | None = None) -> dict:
+def preference_metrics(
+    eval_step: Callable, params, batches: Sequence[PreferenceBatch], mesh: Mesh, progress: Callable | None = None
+) -> dict:
     """{"pairs": n, "dpo/loss": ..., "rewards/...": ..., "logps/...": ...}: means over the real pairs
     of `batches` (this process's rows; padding pairs count for nothing).
 
@@ -115,8 +122,9 @@ class Reference:
     nothing is written before.
     `notes` says what was read or scored, for the run's log."""
 
-    def __init__(self, run_dir: str | os.PathLike, init_from: str, dpo: DPOConfig, mesh: Mesh, batch_pairs: int,
-                 reuse: bool):
+    def __init__(
+        self, run_dir: str | os.PathLike, init_from: str, dpo: DPOConfig, mesh: Mesh, batch_pairs: int, reuse: bool
+    ):
         self.path = Path(run_dir) / REFERENCE_FILE
         self.init_from, self.dpo, self.mesh, self.batch_pairs = init_from, dpo, mesh, batch_pairs
         self.arrays: dict[str, np.ndarray] = {}
@@ -132,8 +140,10 @@ class Reference:
         if key in self.arrays:
             logps = self.arrays[key]
             if logps.shape != (rows.num_rows,):
-                raise ValueError(f"{self.path}: holds {logps.shape[0]} log-probs for rows {key}, which have "
-                                 f"{rows.num_rows}; delete it to score the reference again")
+                raise ValueError(
+                    f"{self.path}: holds {logps.shape[0]} log-probs for rows {key}, which have "
+                    f"{rows.num_rows}; delete it to score the reference again"
+                )
             self.notes.append(f"reference: log-probs of {rows.num_rows} rows read from {self.path}")
             return logps
         if self._model is None:
@@ -143,8 +153,10 @@ class Reference:
         t0 = time.perf_counter()
         logps = row_logps(*self._model, rows, self.batch_pairs, self.mesh)
         self.arrays[key], self._scored = logps, True
-        self.notes.append(f"reference: {rows.num_rows} rows scored with {self.init_from} step {self.meta['step']} "
-                          f"in {time.perf_counter() - t0:.1f} s")
+        self.notes.append(
+            f"reference: {rows.num_rows} rows scored with {self.init_from} step {self.meta['step']} "
+            f"in {time.perf_counter() - t0:.1f} s"
+        )
         return logps
 
     def release(self) -> None:
@@ -161,8 +173,9 @@ class Reference:
 def write_reference(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, meta=np.array(json.dumps(meta)), **{f"logp_{k}": np.asarray(v, np.float32)
-                                                         for k, v in arrays.items()})
+        np.savez(
+            f, meta=np.array(json.dumps(meta)), **{f"logp_{k}": np.asarray(v, np.float32) for k, v in arrays.items()}
+        )
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -175,6 +188,8 @@ def read_reference(path: Path) -> tuple[dict[str, np.ndarray], dict]:
             arrays = {k.removeprefix("logp_"): np.asarray(z[k], np.float32) for k in z.files if k.startswith("logp_")}
             meta = json.loads(str(z["meta"]))
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: unreadable ({' '.join(str(e).split()) or type(e).__name__}); delete it to "
-                         f"score the reference again") from None
+        raise ValueError(
+            f"{path}: unreadable ({' '.join(str(e).split()) or type(e).__name__}); delete it to "
+            f"score the reference again"
+        ) from None
     return arrays, meta

@@ -28,15 +28,16 @@ K gathered ending positions per device, D width, V vocabulary.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from fgpt_jax import sharding as shd
@@ -54,8 +55,7 @@ def default_buckets(block_size: int, smallest: int = 64) -> tuple[int, ...]:
     return tuple(out + [block_size])
 
 
-def hellaswag_metrics(logprob_NE: np.ndarray, ntok_NE: np.ndarray, nbytes_NE: np.ndarray,
-                      labels_N: np.ndarray) -> dict:
+def hellaswag_metrics(logprob_NE: np.ndarray, ntok_NE: np.ndarray, nbytes_NE: np.ndarray, labels_N: np.ndarray) -> dict:
     """{n, acc, acc_norm, acc_token_avg} from per-ending log-prob sums, token and character counts."""
     labels_N = np.asarray(labels_N)
     preds = {
@@ -69,6 +69,7 @@ def hellaswag_metrics(logprob_NE: np.ndarray, ntok_NE: np.ndarray, nbytes_NE: np
 @dataclass
 class _Bucket:
     """The packed batches of one length bucket (host numpy, global batches)."""
+
     length: int  # L
     items_BN: np.ndarray  # [batches, items per batch] item index, -1 for padding
     tokens_BRL: np.ndarray  # int32 model inputs, rows 4i..4i+3 are item i's endings
@@ -84,9 +85,16 @@ class HellaSwagScorer:
     function is traced and compiled on the first call only (`compiles` counts traces).
     """
 
-    def __init__(self, examples: Sequence[Example], block_size: int, batch_size: int = 32,
-                 buckets: Sequence[int] | None = None, tokenizer=None, mesh: Mesh | None = None,
-                 progress: bool = False):
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        block_size: int,
+        batch_size: int = 32,
+        buckets: Sequence[int] | None = None,
+        tokenizer=None,
+        mesh: Mesh | None = None,
+        progress: bool = False,
+    ):
         if not examples:
             raise ValueError("HellaSwagScorer: no examples")
         if block_size < 2:
@@ -102,7 +110,7 @@ class HellaSwagScorer:
         S, n_proc = self.mesh.size, jax.process_count()
         self.batch_size = -(-max(batch_size, 1) // S) * S  # whole items per device
         self.labels_N = np.array([ex.label for ex in examples], np.int64)
-        self.nbytes_NE = np.array([[len(e.encode('utf-8')) for e in ex.endings] for ex in examples], np.float64)
+        self.nbytes_NE = np.array([[len(e.encode("utf-8")) for e in ex.endings] for ex in examples], np.float64)
 
         ctx = tokenizer.encode_batch([ex.context for ex in examples])
         ends = tokenizer.encode_batch([" " + e for ex in examples for e in ex.endings])
@@ -114,8 +122,9 @@ class HellaSwagScorer:
                 ntok[i, j] = min(len(end), len(seq) - 1)  # the first position has no prediction
                 seqs.append(seq)
         self.ntok_NE = ntok
-        length_N = np.array([max(len(s) for s in seqs[N_ENDINGS * i:N_ENDINGS * (i + 1)])
-                             for i in range(len(examples))])
+        length_N = np.array(
+            [max(len(s) for s in seqs[N_ENDINGS * i : N_ENDINGS * (i + 1)]) for i in range(len(examples))]
+        )
         bucket_N = np.searchsorted(np.array(self.buckets), length_N)
         B, R = self.batch_size, N_ENDINGS * self.batch_size
         Rd = R // S  # rows per device
@@ -126,7 +135,7 @@ class HellaSwagScorer:
                 continue
             nb = -(-len(items) // B)
             items_BN = np.full((nb, B), -1, np.int64)
-            items_BN.flat[:len(items)] = items
+            items_BN.flat[: len(items)] = items
             tokens = np.zeros((nb, R, L), np.int32)
             # parts[k][s] = (positions, targets, rows): the ending tokens of batch k on device s.
             parts = [[([], [], []) for _ in range(S)] for _ in range(nb)]
@@ -138,7 +147,7 @@ class HellaSwagScorer:
                         r = N_ENDINGS * slot + j
                         s, local = divmod(r, Rd)
                         seq, n = seqs[N_ENDINGS * i + j], int(ntok[i, j])
-                        tokens[k, r, :len(seq)] = seq
+                        tokens[k, r, : len(seq)] = seq
                         t = np.arange(len(seq) - n, len(seq))  # target positions (the ending)
                         pos, tgt, row = parts[k][s]
                         pos.append(local * L + t - 1)  # the output at t - 1 predicts token t
@@ -152,7 +161,7 @@ class HellaSwagScorer:
                     for arr, chunks in zip(arrays, parts[k][s]):
                         if chunks:
                             flat = np.concatenate(chunks)
-                            arr[k, s, :len(flat)] = flat
+                            arr[k, s, : len(flat)] = flat
             self._buckets.append(_Bucket(L, items_BN, tokens, *arrays))
 
         # Each process feeds its own devices' rows of every global batch (devices are ordered by
@@ -161,12 +170,17 @@ class HellaSwagScorer:
         self._proc_dev = slice(jax.process_index() * S // n_proc, (jax.process_index() + 1) * S // n_proc)
         self._row_sharding = shd.batch_sharding(self.mesh, 2)
         # Replicated output: tiny ([S, K] floats), and readable on every process.
-        self._fn = jax.jit(self._token_logprobs, static_argnums=0,
-                           out_shardings=NamedSharding(self.mesh, P()))
+        self._fn = jax.jit(self._token_logprobs, static_argnums=0, out_shardings=NamedSharding(self.mesh, P()))
 
     @classmethod
-    def from_file(cls, path: str | Path | None, block_size: int, limit: int | None = None,
-                  preprocess_mode: str = "harness", **kwargs) -> "HellaSwagScorer":
+    def from_file(
+        cls,
+        path: str | Path | None,
+        block_size: int,
+        limit: int | None = None,
+        preprocess_mode: str = "harness",
+        **kwargs,
+    ) -> HellaSwagScorer:
         """A scorer over the items of `path` (default: the official val jsonl, downloaded once)."""
         return cls(load_examples(path, limit, preprocess_mode), block_size, **kwargs)
 
@@ -177,8 +191,9 @@ class HellaSwagScorer:
     @property
     def shapes(self) -> list[tuple]:
         """(batches, rows, L, K) per bucket used: one compilation each."""
-        return [(bk.tokens_BRL.shape[0], bk.tokens_BRL.shape[1], bk.length, bk.pos_BSK.shape[2])
-                for bk in self._buckets]
+        return [
+            (bk.tokens_BRL.shape[0], bk.tokens_BRL.shape[1], bk.length, bk.pos_BSK.shape[2]) for bk in self._buckets
+        ]
 
     def _token_logprobs(self, graphdef, params, tokens_RL, pos_SK, tgt_SK):
         self.compiles += 1  # runs at trace time only
@@ -197,8 +212,13 @@ class HellaSwagScorer:
         lp_NE = np.zeros((self.n, N_ENDINGS), np.float64)
         R = N_ENDINGS * self.batch_size
         total = sum(len(bk.items_BN) for bk in self._buckets)
-        bar = tqdm(total=total, desc="hellaswag", unit="batch", file=sys.stderr,
-                   disable=not (self.progress and jax.process_index() == 0))
+        bar = tqdm(
+            total=total,
+            desc="hellaswag",
+            unit="batch",
+            file=sys.stderr,
+            disable=not (self.progress and jax.process_index() == 0),
+        )
 
         def collect(bk: _Bucket, k: int, out) -> None:
             lp_SK = np.asarray(out, np.float64)
@@ -213,10 +233,13 @@ class HellaSwagScorer:
         pending = None
         for bk in self._buckets:
             for k in range(len(bk.items_BN)):
-                out = self._fn(graphdef, params,
-                               shd.global_batch(bk.tokens_BRL[k][self._proc], self._row_sharding),
-                               shd.global_batch(bk.pos_BSK[k][self._proc_dev], self._row_sharding),
-                               shd.global_batch(bk.tgt_BSK[k][self._proc_dev], self._row_sharding))
+                out = self._fn(
+                    graphdef,
+                    params,
+                    shd.global_batch(bk.tokens_BRL[k][self._proc], self._row_sharding),
+                    shd.global_batch(bk.pos_BSK[k][self._proc_dev], self._row_sharding),
+                    shd.global_batch(bk.tgt_BSK[k][self._proc_dev], self._row_sharding),
+                )
                 if pending is not None:  # read batch k-1 while batch k runs
                     collect(*pending)
                 pending = (bk, k, out)

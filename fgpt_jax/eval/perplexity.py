@@ -9,7 +9,7 @@ supervised token once.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -18,8 +18,9 @@ from fgpt_jax import sharding as shd
 from fgpt_jax.data import Batch
 
 
-def mean_loss(eval_step: Callable, params, batches: Sequence[Batch], sharding: NamedSharding,
-              progress: Callable | None = None) -> tuple[float, int]:
+def mean_loss(
+    eval_step: Callable, params, batches: Sequence[Batch], sharding: NamedSharding, progress: Callable | None = None
+) -> tuple[float, int]:
     """(mean masked next-token loss, number of target tokens) over `batches` (this process's rows).
 
     `eval_step` is `fgpt_jax.loss.make_eval_step(graphdef)`; `progress(n)` is called per batch

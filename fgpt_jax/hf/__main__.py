@@ -17,27 +17,51 @@ from fgpt_jax.hf.weights import GPT2_VOCAB, OUR_VOCAB
 
 
 def _parser() -> cli.Parser:
-    p = cli.Parser(prog="python -m fgpt_jax.hf",
-                   description="Convert between transformers GPT-2 checkpoints and run directories.")
+    p = cli.Parser(
+        prog="python -m fgpt_jax.hf", description="Convert between transformers GPT-2 checkpoints and run directories."
+    )
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=cli.Parser)
-    imp = sub.add_parser("import", help="a transformers GPT-2 checkpoint -> a run directory",
-                         description="Read a transformers GPT-2 checkpoint (gpt2 .. gpt2-xl) into a run directory "
-                                     "that eval, generate, chat and --config.init_from accept.")
-    imp.add_argument("--hf", required=True, metavar="PATH_OR_NAME",
-                     help="local directory with config.json + model.safetensors (or pytorch_model.bin, needs torch), "
-                          "or a Hub name such as openai-community/gpt2 (downloaded with huggingface_hub)")
-    imp.add_argument("--run", "--out", dest="run", required=True, metavar="RUN_DIR",
-                     help="run directory to create (--out is accepted too)")
+    imp = sub.add_parser(
+        "import",
+        help="a transformers GPT-2 checkpoint -> a run directory",
+        description="Read a transformers GPT-2 checkpoint (gpt2 .. gpt2-xl) into a run directory "
+        "that eval, generate, chat and --config.init_from accept.",
+    )
+    imp.add_argument(
+        "--hf",
+        required=True,
+        metavar="PATH_OR_NAME",
+        help="local directory with config.json + model.safetensors (or pytorch_model.bin, needs torch), "
+        "or a Hub name such as openai-community/gpt2 (downloaded with huggingface_hub)",
+    )
+    imp.add_argument(
+        "--run",
+        "--out",
+        dest="run",
+        required=True,
+        metavar="RUN_DIR",
+        help="run directory to create (--out is accepted too)",
+    )
     imp.add_argument("--revision", default=None, help="Hub branch, tag or commit (Hub names only)")
-    exp = sub.add_parser("export", help="a run directory -> a transformers GPT-2 directory",
-                         description="Write config.json, model.safetensors and tokenizer files that "
-                                     "transformers' GPT2LMHeadModel / AutoTokenizer.from_pretrained load.")
+    exp = sub.add_parser(
+        "export",
+        help="a run directory -> a transformers GPT-2 directory",
+        description="Write config.json, model.safetensors and tokenizer files that "
+        "transformers' GPT2LMHeadModel / AutoTokenizer.from_pretrained load.",
+    )
     exp.add_argument("--run", required=True, metavar="DIR", help="run directory to export")
     exp.add_argument("--out", required=True, metavar="HF_DIR", help="directory to create (must not exist or be empty)")
-    exp.add_argument("--step", type=cli.int_in(0), default=None, metavar="N", help="checkpoint step (default: the latest)")
-    exp.add_argument("--vocab-size", type=cli.int_in(GPT2_VOCAB, OUR_VOCAB), default=None, metavar="N",
-                     help=f"embedding rows to write, {GPT2_VOCAB}..{OUR_VOCAB} (default: all rows, minus trailing "
-                          f"rows still holding the import fill, so an imported GPT-2 exports at {GPT2_VOCAB})")
+    exp.add_argument(
+        "--step", type=cli.int_in(0), default=None, metavar="N", help="checkpoint step (default: the latest)"
+    )
+    exp.add_argument(
+        "--vocab-size",
+        type=cli.int_in(GPT2_VOCAB, OUR_VOCAB),
+        default=None,
+        metavar="N",
+        help=f"embedding rows to write, {GPT2_VOCAB}..{OUR_VOCAB} (default: all rows, minus trailing "
+        f"rows still holding the import fill, so an imported GPT-2 exports at {GPT2_VOCAB})",
+    )
     return p
 
 
@@ -53,10 +77,20 @@ def main(argv: list[str] | None = None) -> int:
             if RunDir(args.run).has_checkpoints():
                 raise HFError(f"--run {args.run}: already holds checkpoints; choose another directory")
             model, cfg = from_hf(args.hf, revision=args.revision)
-            save_model(args.run, model, cfg, step=0, meta={"source": "huggingface", "hf": args.hf,
-                                                          "revision": args.revision})
-            print(json.dumps({"run": str(args.run), "hf": args.hf, "n_layer": cfg.model.n_layer,
-                              "n_embd": cfg.model.n_embd, "block_size": cfg.model.block_size}))
+            save_model(
+                args.run, model, cfg, step=0, meta={"source": "huggingface", "hf": args.hf, "revision": args.revision}
+            )
+            print(
+                json.dumps(
+                    {
+                        "run": str(args.run),
+                        "hf": args.hf,
+                        "n_layer": cfg.model.n_layer,
+                        "n_embd": cfg.model.n_embd,
+                        "block_size": cfg.model.block_size,
+                    }
+                )
+            )
         else:
             if not Path(args.run).is_dir():
                 raise HFError(f"--run {args.run}: no such directory")
@@ -71,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from fgpt_jax.config import ConfigError
     from fgpt_jax.hf.weights import HFError
     from fgpt_jax.rundir import RunDirError
+
     return cli.run(body, (HFError, ConfigError, CheckpointError, RunDirError))
 
 

@@ -61,11 +61,11 @@ def _bpe_parts(token: bytes, ranks: dict[bytes, int], max_rank: int) -> list[byt
                 best, best_rank = i, rank
         if best < 0:
             break
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
     return parts
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpt2_bpe_files(ranks_file: str = RANKS_FILE) -> tuple[str, str]:
     """(encoder.json text, vocab.bpe text), byte-identical to OpenAI's GPT-2 files."""
     _check_ranks_file(ranks_file)
@@ -101,14 +101,25 @@ def tokenizer_files(n_vocab: int, model_max_length: int) -> dict[str, str]:
     encoder_json, merges_txt = gpt2_bpe_files()
     specials = {tok: i for tok, i in SPECIAL_TOKENS.items() if i < n_vocab}
     extra = [tok for tok in specials if tok != EOT]
-    added = {str(i): {"content": tok, "lstrip": False, "rstrip": False, "normalized": False,
-                      "single_word": False, "special": True} for tok, i in specials.items()}
+    added = {
+        str(i): {
+            "content": tok,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+            "special": True,
+        }
+        for tok, i in specials.items()
+    }
     config = {
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": model_max_length,
         "add_prefix_space": False,
         "add_bos_token": False,
-        "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+        "bos_token": EOT,
+        "eos_token": EOT,
+        "unk_token": EOT,
         "errors": "replace",
         "added_tokens_decoder": added,
         "clean_up_tokenization_spaces": False,

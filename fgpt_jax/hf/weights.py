@@ -45,11 +45,19 @@ HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 def name_map(n_layer: int) -> dict[str, str]:
     """{our parameter name: transformers name without the `transformer.` prefix}."""
-    names = {"wte/embedding": "wte.weight", "wpe/embedding": "wpe.weight",
-             "ln_f/scale": "ln_f.weight", "ln_f/bias": "ln_f.bias"}
+    names = {
+        "wte/embedding": "wte.weight",
+        "wpe/embedding": "wpe.weight",
+        "ln_f/scale": "ln_f.weight",
+        "ln_f/bias": "ln_f.bias",
+    }
     for i in range(n_layer):
-        for ours, theirs in [("ln_1/scale", "ln_1.weight"), ("ln_1/bias", "ln_1.bias"),
-                             ("ln_2/scale", "ln_2.weight"), ("ln_2/bias", "ln_2.bias")]:
+        for ours, theirs in [
+            ("ln_1/scale", "ln_1.weight"),
+            ("ln_1/bias", "ln_1.bias"),
+            ("ln_2/scale", "ln_2.weight"),
+            ("ln_2/bias", "ln_2.bias"),
+        ]:
             names[f"h/{i}/{ours}"] = f"h.{i}.{theirs}"
         for mod in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"):
             dotted = mod.replace("/", ".")
@@ -60,13 +68,24 @@ def name_map(n_layer: int) -> dict[str, str]:
 
 def hf_shapes(vocab_size: int, n_positions: int, n_embd: int, n_layer: int) -> dict[str, tuple]:
     """{transformers name (unprefixed): shape} of GPT2LMHeadModel's parameters; Conv1D is (in, out)."""
-    D, shapes = n_embd, {"wte.weight": (vocab_size, n_embd), "wpe.weight": (n_positions, n_embd),
-                         "ln_f.weight": (n_embd,), "ln_f.bias": (n_embd,)}
+    D, shapes = (
+        n_embd,
+        {
+            "wte.weight": (vocab_size, n_embd),
+            "wpe.weight": (n_positions, n_embd),
+            "ln_f.weight": (n_embd,),
+            "ln_f.bias": (n_embd,),
+        },
+    )
     for i in range(n_layer):
         for ln in ("ln_1", "ln_2"):
             shapes[f"h.{i}.{ln}.weight"] = shapes[f"h.{i}.{ln}.bias"] = (D,)
-        for mod, (d_in, d_out) in [("attn.c_attn", (D, 3 * D)), ("attn.c_proj", (D, D)),
-                                   ("mlp.c_fc", (D, 4 * D)), ("mlp.c_proj", (4 * D, D))]:
+        for mod, (d_in, d_out) in [
+            ("attn.c_attn", (D, 3 * D)),
+            ("attn.c_proj", (D, D)),
+            ("mlp.c_fc", (D, 4 * D)),
+            ("mlp.c_proj", (4 * D, D)),
+        ]:
             shapes[f"h.{i}.{mod}.weight"], shapes[f"h.{i}.{mod}.bias"] = (d_in, d_out), (d_out,)
     return shapes
 
@@ -79,30 +98,39 @@ def vocab_fill(wte_VD: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------- reading
 
+
 def resolve_checkpoint(path_or_name: str, revision: str | None = None) -> Path:
     """A local checkpoint directory (or a file inside one), else a Hub name downloaded to the HF cache."""
     path = Path(path_or_name).expanduser()
     if path.exists():
         return path.parent if path.is_file() else path
     if not HUB_NAME.fullmatch(path_or_name):
-        raise HFError(f"--hf {path_or_name}: no such directory (expected a local directory with config.json "
-                      f"and model.safetensors, or a Hub name such as openai-community/gpt2)")
+        raise HFError(
+            f"--hf {path_or_name}: no such directory (expected a local directory with config.json "
+            f"and model.safetensors, or a Hub name such as openai-community/gpt2)"
+        )
     return _download(path_or_name, revision)
 
 
 def _download(name: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
+
     try:
-        path = Path(snapshot_download(name, revision=revision, allow_patterns=[
-            "config.json", "*.safetensors", "model.safetensors.index.json"]))
+        path = Path(
+            snapshot_download(
+                name, revision=revision, allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json"]
+            )
+        )
         if not any(path.glob("*.safetensors")):
             # Only repos without safetensors cost the (torch-only) pickle download.
             path = Path(snapshot_download(name, revision=revision, allow_patterns=["config.json", "pytorch_model.bin"]))
     except Exception as e:  # offline, unknown repo, gated, network: all end the same way for the user
         first = (str(e).strip().splitlines() or [""])[0]
         reason = re.split(r"(?<=\.)\s", first)[0][:200]
-        raise HFError(f"--hf {name}: could not download from the Hugging Face Hub ({type(e).__name__}: {reason}); "
-                      f"offline? pass a local directory holding config.json and model.safetensors") from None
+        raise HFError(
+            f"--hf {name}: could not download from the Hugging Face Hub ({type(e).__name__}: {reason}); "
+            f"offline? pass a local directory holding config.json and model.safetensors"
+        ) from None
     return path
 
 
@@ -123,7 +151,9 @@ class _Tensors:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or UTF-8
                 first = (str(e).strip().splitlines() or [""])[0][:160]
-                raise HFError(f"{index}: expected a JSON object with a weight_map ({type(e).__name__}: {first})") from None
+                raise HFError(
+                    f"{index}: expected a JSON object with a weight_map ({type(e).__name__}: {first})"
+                ) from None
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                 raise HFError(f"{index}: weight_map: expected an object of tensor name -> file name")
             shards = sorted(set(weight_map.values()))
@@ -142,13 +172,16 @@ class _Tensors:
 
     def _add_safetensors(self, path: Path) -> None:
         from safetensors import safe_open
+
         if not path.is_file():
             raise HFError(f"{path}: not found (listed in model.safetensors.index.json)")
         try:
             with safe_open(str(path), framework="np") as f:
                 for name in f.keys():
                     sl = f.get_slice(name)
-                    self._add(name, sl.get_shape(), lambda p=path, n=name, d=sl.get_dtype(): _read_safetensor(p, n, d), path)
+                    self._add(
+                        name, sl.get_shape(), lambda p=path, n=name, d=sl.get_dtype(): _read_safetensor(p, n, d), path
+                    )
         except HFError:
             raise
         except Exception as e:  # safetensors raises its own error types for truncated or foreign files
@@ -158,13 +191,17 @@ class _Tensors:
         try:
             import torch
         except ImportError:
-            raise HFError(f"{path}: reading pytorch_model.bin needs torch; install torch (CPU is enough) "
-                          f"or convert the checkpoint to model.safetensors") from None
+            raise HFError(
+                f"{path}: reading pytorch_model.bin needs torch; install torch (CPU is enough) "
+                f"or convert the checkpoint to model.safetensors"
+            ) from None
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # torch's unpickler raises many types for corrupt or foreign files
-            raise HFError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: "
-                          f"{(str(e).strip().splitlines() or [''])[0][:160]})") from None
+            raise HFError(
+                f"{path}: not a readable PyTorch state dict ({type(e).__name__}: "
+                f"{(str(e).strip().splitlines() or [''])[0][:160]})"
+            ) from None
         if not isinstance(state, dict):
             raise HFError(f"{path}: holds a {type(state).__name__}, expected a state dict of tensors")
         for name, t in state.items():
@@ -175,10 +212,12 @@ class _Tensors:
 def _read_safetensor(path: Path, name: str, dtype: str) -> np.ndarray:
     if dtype != "BF16":
         from safetensors import safe_open
+
         with safe_open(str(path), framework="np") as f:
             return f.get_tensor(name)
     # safetensors' numpy API cannot build bfloat16 arrays: read the raw bytes and widen them.
     import ml_dtypes
+
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         info = json.loads(f.read(n))[name]
@@ -193,9 +232,13 @@ def _check_buffers(tensors: _Tensors, key: dict[str, str], n_layer: int, n_posit
     causal = np.tril(np.ones((n_positions, n_positions), dtype=bool))
     for i in range(n_layer):
         for short, check, expected in [
-            (f"h.{i}.attn.bias", lambda x: x.shape == (1, 1, n_positions, n_positions) and np.array_equal(x[0, 0] != 0, causal),
-             f"the causal mask, shape (1, 1, {n_positions}, {n_positions})"),
-            (f"h.{i}.attn.masked_bias", lambda x: x.shape == () and float(x) <= -1e4, "a scalar <= -1e4")]:
+            (
+                f"h.{i}.attn.bias",
+                lambda x: x.shape == (1, 1, n_positions, n_positions) and np.array_equal(x[0, 0] != 0, causal),
+                f"the causal mask, shape (1, 1, {n_positions}, {n_positions})",
+            ),
+            (f"h.{i}.attn.masked_bias", lambda x: x.shape == () and float(x) <= -1e4, "a scalar <= -1e4"),
+        ]:
             if short in key:
                 x = tensors.loaders[key[short]]()
                 if not check(x):
@@ -208,8 +251,14 @@ def from_hf(path_or_name: str, revision: str | None = None) -> tuple[GPT, Config
     hf = read_hf_config(directory)
     tensors = _Tensors(directory)
     L, V = hf["n_layer"], hf["vocab_size"]
-    gcfg = GPTConfig(vocab_size=OUR_VOCAB, block_size=hf["n_positions"], n_layer=L, n_head=hf["n_head"],
-                     n_embd=hf["n_embd"], bias=True)
+    gcfg = GPTConfig(
+        vocab_size=OUR_VOCAB,
+        block_size=hf["n_positions"],
+        n_layer=L,
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        bias=True,
+    )
     prefix = PREFIX if any(n.startswith(PREFIX) for n in tensors.shapes) else ""
     key = {n.removeprefix(PREFIX): n for n in tensors.shapes}  # unprefixed -> name in the file
     if len(key) != len(tensors.shapes):
@@ -221,8 +270,9 @@ def from_hf(path_or_name: str, revision: str | None = None) -> tuple[GPT, Config
         if short not in key:
             raise HFError(f"{prefix}{short}: missing from {tensors.source} (expected shape {shape})")
         if tensors.shapes[key[short]] != shape:
-            raise HFError(f"{key[short]}: shape {tensors.shapes[key[short]]}: expected {shape} "
-                          f"(from {directory / 'config.json'})")
+            raise HFError(
+                f"{key[short]}: shape {tensors.shapes[key[short]]}: expected {shape} (from {directory / 'config.json'})"
+            )
     for short in key:
         if short not in want and short not in buffers and short != "lm_head.weight":
             raise HFError(f"{key[short]}: unexpected tensor in {tensors.source} (not part of GPT2LMHeadModel)")
@@ -233,13 +283,17 @@ def from_hf(path_or_name: str, revision: str | None = None) -> tuple[GPT, Config
         arrays[ours] = x = np.asarray(tensors.loaders[key[short]](), dtype=np.float32)
         if not np.isfinite(x).all():
             bad = int(x.size - np.isfinite(x).sum())
-            raise HFError(f"{key[short]}: {bad} of {x.size} values are NaN or inf: expected finite weights "
-                          f"(a diverged or corrupted checkpoint)")
+            raise HFError(
+                f"{key[short]}: {bad} of {x.size} values are NaN or inf: expected finite weights "
+                f"(a diverged or corrupted checkpoint)"
+            )
     if "lm_head.weight" in key:
         head = tensors.loaders[key["lm_head.weight"]]()
         if head.shape != want["wte.weight"] or not np.array_equal(head, arrays["wte/embedding"]):
-            raise HFError(f"{key['lm_head.weight']}: expected tied to {prefix}wte.weight (shape {want['wte.weight']}, "
-                          f"equal values): our LM head is the embedding")
+            raise HFError(
+                f"{key['lm_head.weight']}: expected tied to {prefix}wte.weight (shape {want['wte.weight']}, "
+                f"equal values): our LM head is the embedding"
+            )
     wte = arrays["wte/embedding"]
     arrays["wte/embedding"] = np.concatenate([wte, np.broadcast_to(vocab_fill(wte), (OUR_VOCAB - V, wte.shape[1]))])
     # data.path "": the run records no training data, so `eval val` asks for --data instead of guessing.
@@ -247,7 +301,7 @@ def from_hf(path_or_name: str, revision: str | None = None) -> tuple[GPT, Config
 
 
 def _run_name(path_or_name: str) -> str:
-    """"gpt2" for openai-community/gpt2, for its HF-cache snapshot directory, or for a local ./gpt2."""
+    """ "gpt2" for openai-community/gpt2, for its HF-cache snapshot directory, or for a local ./gpt2."""
     cache = re.search(r"models--[^/]*--([^/]+)/snapshots/", str(Path(path_or_name).expanduser().absolute()))
     name = cache.group(1) if cache else Path(str(path_or_name).rstrip("/")).name
     return re.sub(r"[^\w.-]+", "-", name) or "hf"
@@ -266,6 +320,7 @@ def _build(gcfg: GPTConfig, arrays: dict[str, np.ndarray]) -> GPT:
 
 
 # ----------------------------------------------------------------------------------------- writing
+
 
 def export_vocab_size(wte_VD: np.ndarray) -> int:
     """Rows to export: all, minus the trailing rows that still hold the import fill exactly."""
@@ -308,9 +363,11 @@ def to_hf(model: GPT, config: Config | GPTConfig, path: str | os.PathLike, vocab
     try:
         eot, end = SPECIAL_TOKENS[EOT], SPECIAL_TOKENS[END]
         eos = [eot, end] if V > end else eot  # <|end|> closes a chat turn when the model has its row
-        files = {"config.json": json.dumps(hf_config(gcfg, V), indent=2) + "\n",
-                 "generation_config.json": json.dumps({"bos_token_id": eot, "eos_token_id": eos}, indent=2) + "\n",
-                 **tokenizer_files(V, gcfg.block_size)}
+        files = {
+            "config.json": json.dumps(hf_config(gcfg, V), indent=2) + "\n",
+            "generation_config.json": json.dumps({"bos_token_id": eot, "eos_token_id": eos}, indent=2) + "\n",
+            **tokenizer_files(V, gcfg.block_size),
+        }
         for fname, text in files.items():
             (tmp / fname).write_text(text, encoding="utf-8")
         # transformers refuses safetensors files without format metadata.

@@ -61,6 +61,7 @@ class EngineClosed(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """What one request asks for. temperature 0 = greedy; top_k 0 and top_p 1 = no filter."""
+
     max_tokens: int = 16
     temperature: float = 1.0
     top_k: int = 0
@@ -73,8 +74,13 @@ class Request:
     `generated` (every decoded token, a stop token included: the usage count) and `finish_reason`
     ("stop", "length", "cancelled" or "error") once `finished` is set."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, dropped: int,
-                 listener: Callable[["Request", int | None], None] | None):
+    def __init__(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        dropped: int,
+        listener: Callable[[Request, int | None], None] | None,
+    ):
         self.prompt, self.params, self.dropped_prompt_tokens = prompt, params, dropped
         self.listener = listener
         self.tokens: list[int] = []
@@ -100,10 +106,20 @@ def _bucket(n: int, limit: int, smallest: int = 1) -> int:
 def _init_state(config, batch: int, cache_len: int) -> dict:
     cache = init_cache(config, batch, cache_len)
     ints = lambda: jnp.zeros((batch,), jnp.int32)  # one buffer per field: each is donated on its own
-    return dict(k=cache["k"], v=cache["v"], start=ints(), index=cache["index"], tok=ints(),
-                key=jax.random.split(jax.random.key(0), batch), active=jnp.zeros((batch,), bool), count=ints(),
-                max=ints(), temperature=jnp.zeros((batch,), jnp.float32), top_k=ints(),
-                top_p=jnp.ones((batch,), jnp.float32))
+    return dict(
+        k=cache["k"],
+        v=cache["v"],
+        start=ints(),
+        index=cache["index"],
+        tok=ints(),
+        key=jax.random.split(jax.random.key(0), batch),
+        active=jnp.zeros((batch,), bool),
+        count=ints(),
+        max=ints(),
+        temperature=jnp.zeros((batch,), jnp.float32),
+        top_k=ints(),
+        top_p=jnp.ones((batch,), jnp.float32),
+    )
 
 
 ROW_FIELDS = ("start", "tok", "key", "active", "count", "max", "temperature", "top_k", "top_p")
@@ -123,8 +139,17 @@ def _admit(graphdef, params, state, prompt_1P, p_len, row, key, temperature, top
     s["k"] = jax.lax.dynamic_update_slice(state["k"], own["k"], (0, row, index - P, 0, 0))
     s["v"] = jax.lax.dynamic_update_slice(state["v"], own["v"], (0, row, index - P, 0, 0))
     done = jnp.isin(first, stop_ids) | (max_tokens <= 1)
-    for name, value in (("start", index - p_len), ("tok", first), ("key", key), ("active", ~done), ("count", 1),
-                        ("max", max_tokens), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+    for name, value in (
+        ("start", index - p_len),
+        ("tok", first),
+        ("key", key),
+        ("active", ~done),
+        ("count", 1),
+        ("max", max_tokens),
+        ("temperature", temperature),
+        ("top_k", top_k),
+        ("top_p", top_p),
+    ):
         s[name] = state[name].at[row].set(value)
     return s, first
 
@@ -136,12 +161,17 @@ def _step(graphdef, params, state, stop_ids, *, rows):
     index = state["index"]
     active_b = state["active"][:b]
     # An inactive row attends to its own slot only, at position 0: always in range, never all-masked.
-    cache = {"k": state["k"][:, :b], "v": state["v"][:, :b], "index": index,
-             "start": jnp.where(active_b, state["start"][:b], index)}
+    cache = {
+        "k": state["k"][:, :b],
+        "v": state["v"][:, :b],
+        "index": index,
+        "start": jnp.where(active_b, state["start"][:b], index),
+    }
     logits_b1V, cache = nnx.merge(graphdef, params).decode(state["tok"][:b, None], cache)
     keys_b2 = jax.vmap(jax.random.split)(state["key"][:b])
-    nxt_b = sample_rows(logits_b1V[:, 0], keys_b2[:, 1], state["temperature"][:b], state["top_k"][:b],
-                        state["top_p"][:b])
+    nxt_b = sample_rows(
+        logits_b1V[:, 0], keys_b2[:, 1], state["temperature"][:b], state["top_k"][:b], state["top_p"][:b]
+    )
     count_b = state["count"][:b] + active_b
     done_b = jnp.isin(nxt_b, stop_ids) | (count_b >= state["max"][:b])
     s = dict(state)
@@ -182,8 +212,15 @@ def _release(state, row, last):
 class Engine:
     """Continuous-batching decoder over `max_batch` slots, run by its own thread (see module docstring)."""
 
-    def __init__(self, model: GPT, max_batch: int = 8, max_queue: int = 64, cache_len: int | None = None,
-                 stop_ids: Sequence[int] | None = None, lag: int = 1):
+    def __init__(
+        self,
+        model: GPT,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        cache_len: int | None = None,
+        stop_ids: Sequence[int] | None = None,
+        lag: int = 1,
+    ):
         self.graphdef, self.params = nnx.split(model, nnx.Param)
         self.config = model.config
         block = self.config.block_size
@@ -211,8 +248,12 @@ class Engine:
         self._thread.start()
 
     # ---- public API (any thread) ----
-    def submit(self, prompt: Sequence[int], params: SamplingParams,
-               listener: Callable[[Request, int | None], None] | None = None) -> Request:
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        listener: Callable[[Request, int | None], None] | None = None,
+    ) -> Request:
         """Queue a generation. `listener(request, token)` is called on the engine thread with each
         content token, then once with None when the request finishes. Raises ValueError for a bad
         request, EngineBusy when the queue is full, EngineClosed when the engine has stopped."""
@@ -279,10 +320,21 @@ class Engine:
     def _admit_call(self, state, prompt, row, params: SamplingParams):
         P = _bucket(len(prompt), self.config.block_size, smallest=16)
         rows = np.zeros((1, P), np.int32)
-        rows[0, P - len(prompt):] = prompt
-        return _admit(self.graphdef, self.params, state, jnp.asarray(rows), jnp.int32(len(prompt)), jnp.int32(row),
-                      jax.random.key(params.seed), jnp.float32(params.temperature), jnp.int32(params.top_k),
-                      jnp.float32(params.top_p), jnp.int32(params.max_tokens), self._stop_arr)
+        rows[0, P - len(prompt) :] = prompt
+        return _admit(
+            self.graphdef,
+            self.params,
+            state,
+            jnp.asarray(rows),
+            jnp.int32(len(prompt)),
+            jnp.int32(row),
+            jax.random.key(params.seed),
+            jnp.float32(params.temperature),
+            jnp.int32(params.top_k),
+            jnp.float32(params.top_p),
+            jnp.int32(params.max_tokens),
+            self._stop_arr,
+        )
 
     def _run(self) -> None:
         try:

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fgpt_jax.model import GPT, init_cache
 from fgpt_jax.inference.sampling import sample_token
+from fgpt_jax.model import GPT, init_cache
 from fgpt_jax.tokenizer import get_tokenizer
 
 
@@ -50,10 +50,10 @@ def _bucket(n: int, limit: int, smallest: int = 16) -> int:
     return min(b, limit)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "keep", "n_new", "temperature", "top_k",
-                                             "top_p"))
-def _generate(graphdef, params, prompt_BP, start_B, key, stop_ids, *, cache_len, keep, n_new, temperature, top_k,
-              top_p):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "keep", "n_new", "temperature", "top_k", "top_p"))
+def _generate(
+    graphdef, params, prompt_BP, start_B, key, stop_ids, *, cache_len, keep, n_new, temperature, top_k, top_p
+):
     """Prefill the left-padded prompts, then sample `n_new` tokens per row inside while_loops,
     sliding the window (see the module docstring) whenever the cache is full."""
     model = nnx.merge(graphdef, params)
@@ -141,7 +141,7 @@ class Generator:
         self.keep = max(1, self.config.block_size // 2)
 
     @classmethod
-    def from_model(cls, model: GPT, stop_ids: Sequence[int] | None = None) -> "Generator":
+    def from_model(cls, model: GPT, stop_ids: Sequence[int] | None = None) -> Generator:
         return cls(*nnx.split(model, nnx.Param), stop_ids=stop_ids)
 
     def _layout(self, prompts: Sequence[Sequence[int]], max_new_tokens: int):
@@ -166,37 +166,68 @@ class Generator:
         rows = np.zeros((len(prompts), P), np.int32)
         start = np.zeros((len(prompts),), np.int32)
         for b, p in enumerate(prompts):
-            rows[b, P - len(p):] = p
+            rows[b, P - len(p) :] = p
             start[b] = P - len(p)
         return jnp.asarray(rows), jnp.asarray(start), cache_len
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[list[int]]:
         """New tokens per prompt, each list ending at (and including) its first stop token."""
         rows, start, cache_len = self._layout(prompts, max_new_tokens)
-        out = _generate(self.graphdef, self.params, rows, start, jax.random.key(seed),
-                        jnp.asarray(self.stop_ids, jnp.int32), cache_len=cache_len, keep=self.keep,
-                        n_new=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+        out = _generate(
+            self.graphdef,
+            self.params,
+            rows,
+            start,
+            jax.random.key(seed),
+            jnp.asarray(self.stop_ids, jnp.int32),
+            cache_len=cache_len,
+            keep=self.keep,
+            n_new=int(max_new_tokens),
+            temperature=float(temperature),
+            top_k=int(top_k),
+            top_p=float(top_p),
+        )
         result = []
         for row in np.asarray(jax.device_get(out)).tolist():
             stop = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
-            result.append(row if stop is None else row[:stop + 1])
+            result.append(row if stop is None else row[: stop + 1])
         return result
 
-    def stream(self, prompt: Sequence[int], max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
+    def stream(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> Iterator[int]:
         """Yield new tokens one at a time (the stop token, if reached, is the last one yielded).
         Bad arguments raise here, before the first token is asked for. The same tokens as
         `generate` for one prompt (the same key sequence and the same sliding)."""
         rows, start, cache_len = self._layout([prompt], max_new_tokens)
-        return self._stream(rows, start, cache_len, int(max_new_tokens),
-                            dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)), seed)
+        return self._stream(
+            rows,
+            start,
+            cache_len,
+            int(max_new_tokens),
+            dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)),
+            seed,
+        )
 
     def _stream(self, rows, start, cache_len: int, max_new_tokens: int, sampling: dict, seed: int) -> Iterator[int]:
         key = jax.random.key(seed)
         key, sub = jax.random.split(key)
         tok, cache = _prefill(self.graphdef, self.params, rows, start, sub, cache_len=cache_len, **sampling)
-        seq = np.asarray(rows[0, int(start[0]):]).tolist()  # the tokens in the window (host side)
+        seq = np.asarray(rows[0, int(start[0]) :]).tolist()  # the tokens in the window (host side)
         index = rows.shape[1]  # the next free cache slot
         for i in range(max_new_tokens):
             t = int(tok[0])  # the one host sync per token that streaming needs
@@ -209,9 +240,16 @@ class Generator:
                 tok, cache = _step(self.graphdef, self.params, tok, cache, sub, **sampling)
                 index += 1
             else:  # the cache is full: slide, as _generate does
-                seq = seq[-self.keep:]
-                tok, cache = _prefill(self.graphdef, self.params, jnp.asarray([seq], jnp.int32),
-                                      jnp.zeros((1,), jnp.int32), sub, cache_len=cache_len, **sampling)
+                seq = seq[-self.keep :]
+                tok, cache = _prefill(
+                    self.graphdef,
+                    self.params,
+                    jnp.asarray([seq], jnp.int32),
+                    jnp.zeros((1,), jnp.int32),
+                    sub,
+                    cache_len=cache_len,
+                    **sampling,
+                )
                 index = self.keep
 
 
@@ -227,7 +265,7 @@ class TextStreamer:
         try:
             text, self.pending = self.pending.decode("utf-8"), b""
         except UnicodeDecodeError as e:
-            text, self.pending = self.pending[:e.start].decode("utf-8"), self.pending[e.start:]
+            text, self.pending = self.pending[: e.start].decode("utf-8"), self.pending[e.start :]
         return text
 
     def flush(self) -> str:

@@ -18,6 +18,7 @@ from fgpt_jax.inference.generator import TextStreamer
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for; past these the answer is 413 (sizes) or 422 (n, stop)."""
+
     max_body_bytes: int = 1 << 20
     max_messages: int = 256  # chat messages, or prompts in one completions request
     max_message_chars: int = 100_000
@@ -26,8 +27,14 @@ class Limits:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -37,6 +44,7 @@ class APIError(Exception):
 
 
 # ---- request models ----
+
 
 class RequestBody(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI ignores fields it does not know
@@ -61,6 +69,7 @@ class StreamOptions(RequestBody):
 
 class SamplingFields(RequestBody):
     """The sampling fields of both endpoints; null means the default, as in OpenAI's API."""
+
     model: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # default 1
     top_p: float | None = Field(None, gt=0.0, le=1.0)  # default 1 (off)
@@ -84,6 +93,7 @@ class CompletionRequest(SamplingFields):
 
 # ---- text of one choice: UTF-8-safe pieces, stop strings held back ----
 
+
 class ChoiceText:
     """Turns a choice's tokens into text deltas; finds `stop` strings across token boundaries."""
 
@@ -98,11 +108,18 @@ class ChoiceText:
         self.held += piece
         hits = [(i, s) for s in self.stops if (i := self.held.find(s)) >= 0]
         if hits:
-            out, self.held, self.stopped = self.held[:min(hits)[0]], "", True
+            out, self.held, self.stopped = self.held[: min(hits)[0]], "", True
         else:  # hold back the longest tail that could still become a stop string
-            keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(self.held)), 0, -1)
-                        if self.held.endswith(s[:k])), default=0)
-            out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+            keep = max(
+                (
+                    k
+                    for s in self.stops
+                    for k in range(min(len(s) - 1, len(self.held)), 0, -1)
+                    if self.held.endswith(s[:k])
+                ),
+                default=0,
+            )
+            out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         self.text += out
         return out
 

@@ -43,11 +43,13 @@ def _unordered(k: jax.Array) -> jax.Array:
 def _bisect(lo_B: jax.Array, hi_B: jax.Array, go_up) -> jax.Array:
     """The boundary of a monotone predicate over ordered keys: with `go_up(mid_value_B)` True where the
     answer lies above mid, 32 halvings of [lo, hi] (a uint32 range) leave (lo, hi) adjacent."""
+
     def body(_, carry):
         lo, hi = carry
         mid = lo + (hi - lo) // 2
         up = go_up(_unordered(mid)[:, None])
         return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
+
     return jax.lax.fori_loop(0, 32, body, (lo_B, hi_B))
 
 
@@ -94,8 +96,11 @@ def filter_rows(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) ->
     n_keep_B = jnp.sum(before_BC < top_p_B[:, None], axis=-1)
     cut_B = jnp.where(use_p, jnp.take_along_axis(cand_BC, jnp.maximum(n_keep_B, 1)[:, None] - 1, 1)[:, 0], -jnp.inf)
     fits = jnp.all((~use_k | (top_k_B <= C)) & (~use_p | (n_keep_B < C)))
-    return jax.lax.cond(fits, lambda: jnp.where(kept_BV < cut_B[:, None], -jnp.inf, kept_BV),
-                        lambda: filter_rows_exact(logits_BV, top_k_B, top_p_B))
+    return jax.lax.cond(
+        fits,
+        lambda: jnp.where(kept_BV < cut_B[:, None], -jnp.inf, kept_BV),
+        lambda: filter_rows_exact(logits_BV, top_k_B, top_p_B),
+    )
 
 
 def draw(logits_BV: jax.Array, key_B: jax.Array) -> jax.Array:
@@ -106,8 +111,9 @@ def draw(logits_BV: jax.Array, key_B: jax.Array) -> jax.Array:
     than the rounding itself; an inverse CDF over 50k dense boundaries would flip far more often."""
     B, V = logits_BV.shape
     pad = -V % _BLOCK
-    logits_BCK = (jnp.pad(logits_BV, ((0, 0), (0, pad)), constant_values=-jnp.inf) if pad else logits_BV
-                  ).reshape(B, -1, _BLOCK)
+    logits_BCK = (jnp.pad(logits_BV, ((0, 0), (0, pad)), constant_values=-jnp.inf) if pad else logits_BV).reshape(
+        B, -1, _BLOCK
+    )
     C = logits_BCK.shape[1]
 
     def one(key, logits_CK):
@@ -120,8 +126,9 @@ def draw(logits_BV: jax.Array, key_B: jax.Array) -> jax.Array:
     return jax.vmap(one)(key_B, logits_BCK).astype(jnp.int32)
 
 
-def sample_rows(logits_BV: jax.Array, key_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
-                top_p_B: jax.Array) -> jax.Array:
+def sample_rows(
+    logits_BV: jax.Array, key_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array
+) -> jax.Array:
     """Next token per row under that row's own sampling parameters (see the module docstring).
 
     `key_B` is a [B] array of typed PRNG keys (one draw per row); rows at temperature 0 ignore theirs.

@@ -27,8 +27,9 @@ def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> j
     return logits_BV
 
 
-def sample_token(logits_BV: jax.Array, key: jax.Array, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0) -> jax.Array:
+def sample_token(
+    logits_BV: jax.Array, key: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
     """Next token per row: greedy argmax at temperature 0, else a draw from the filtered softmax."""
     logits_BV = logits_BV.astype(jnp.float32)
     if temperature <= 0:

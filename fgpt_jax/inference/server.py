@@ -42,8 +42,15 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from fgpt_jax.inference.engine import Engine, EngineBusy, EngineClosed, SamplingParams
-from fgpt_jax.inference.protocol import (APIError, ChatRequest, ChoiceText, CompletionRequest, Limits, RequestBody,
-                                         SamplingFields)
+from fgpt_jax.inference.protocol import (
+    APIError,
+    ChatRequest,
+    ChoiceText,
+    CompletionRequest,
+    Limits,
+    RequestBody,
+    SamplingFields,
+)
 from fgpt_jax.tokenizer import get_tokenizer
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -81,6 +88,7 @@ class EventStream(StreamingResponse):
         async def watch(cancel_scope):
             await self.listen_for_disconnect(receive)
             cancel_scope.cancel()
+
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch, tg.cancel_scope)
@@ -95,11 +103,18 @@ class EventStream(StreamingResponse):
 
 # ---- the app ----
 
+
 class Server:
     """The app's state: the engine, the model's name and kind, the key and the limits."""
 
-    def __init__(self, engine: Engine, model_id: str, instruction_tuned: bool, api_key: str | None = None,
-                 limits: Limits = Limits()):
+    def __init__(
+        self,
+        engine: Engine,
+        model_id: str,
+        instruction_tuned: bool,
+        api_key: str | None = None,
+        limits: Limits = Limits(),
+    ):
         self.engine, self.model_id, self.instruction_tuned = engine, model_id, instruction_tuned
         self.api_key, self.limits = api_key, limits
         self.tok = get_tokenizer()
@@ -113,8 +128,9 @@ class Server:
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
+            raise APIError(
+                401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+            )
 
     async def body(self, request: Request, model: type[RequestBody]) -> RequestBody:
         self.check_key(request)
@@ -139,8 +155,12 @@ class Server:
             param = ".".join(str(p) for p in err["loc"]) or None
             raise APIError(422, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
         if body.model is not None and body.model != self.model_id:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{self.model_id}'.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{body.model}' does not exist; this server serves '{self.model_id}'.",
+                param="model",
+                code="model_not_found",
+            )
         return body
 
     def sampling(self, body: SamplingFields) -> tuple[list[SamplingParams], list[str]]:
@@ -153,13 +173,25 @@ class Server:
         requested = body.max_completion_tokens or body.max_tokens
         max_tokens = requested or min(256, self.block // 2)  # the chat CLI's default
         if max_tokens >= self.block:
-            raise APIError(400, f"max_tokens {max_tokens}: this model's context is {self.block} tokens, so at most "
-                                f"{self.block - 1} new tokens fit", param="max_tokens", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"max_tokens {max_tokens}: this model's context is {self.block} tokens, so at most "
+                f"{self.block - 1} new tokens fit",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         seed = secrets.randbits(32) if body.seed is None else body.seed % 2**32
         temperature = 1.0 if body.temperature is None else body.temperature
-        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=max(body.top_k or 0, 0),
-                                 top_p=1.0 if body.top_p is None else body.top_p, seed=(seed + i) % 2**32)
-                  for i in range(n)]
+        params = [
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_k=max(body.top_k or 0, 0),
+                top_p=1.0 if body.top_p is None else body.top_p,
+                seed=(seed + i) % 2**32,
+            )
+            for i in range(n)
+        ]
         return params, stops
 
     def chat_prompt(self, body: ChatRequest, max_tokens: int) -> tuple[list[int], int]:
@@ -170,8 +202,11 @@ class Server:
         for i, m in enumerate(body.messages):
             text = m.text()
             if len(text) > self.limits.max_message_chars:
-                raise APIError(413, f"messages.{i}.content: at most {self.limits.max_message_chars} characters",
-                               param=f"messages.{i}.content")
+                raise APIError(
+                    413,
+                    f"messages.{i}.content: at most {self.limits.max_message_chars} characters",
+                    param=f"messages.{i}.content",
+                )
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
         if msgs[-1]["role"] != "user":
             raise APIError(400, "messages: the conversation must end with a user message", param="messages")
@@ -190,8 +225,9 @@ class Server:
     def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or len(prompts) > self.limits.max_messages:
-            raise APIError(413 if prompts else 422, f"prompt: between 1 and {self.limits.max_messages} prompts",
-                           param="prompt")
+            raise APIError(
+                413 if prompts else 422, f"prompt: between 1 and {self.limits.max_messages} prompts", param="prompt"
+            )
         if any(len(p) > self.limits.max_message_chars for p in prompts):
             raise APIError(413, f"prompt: at most {self.limits.max_message_chars} characters", param="prompt")
         # An empty prompt starts a new document, as GPT-2 was trained: after <|endoftext|>.
@@ -205,6 +241,7 @@ class Server:
 
         def listener_for(i):
             return lambda req, tok: events.put((i, tok))
+
         try:
             for p in prompts:
                 for sp in params:
@@ -212,34 +249,48 @@ class Server:
         except (EngineBusy, EngineClosed) as e:
             for r in reqs:
                 r.cancel()
-            raise APIError(503, f"Server overloaded or stopped: {e}", code="server_busy",
-                           kind="server_error") from None
+            raise APIError(503, f"Server overloaded or stopped: {e}", code="server_busy", kind="server_error") from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
         return reqs, events
 
-    async def run(self, request: Request, kind: str, body: SamplingFields, prompts: list[list[int]],
-                  params: list[SamplingParams], stops: list[str], dropped: int) -> Response:
+    async def run(
+        self,
+        request: Request,
+        kind: str,
+        body: SamplingFields,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        stops: list[str],
+        dropped: int,
+    ) -> Response:
         reqs, events = self.submit(prompts, params)
         cut = max(r.dropped_prompt_tokens for r in reqs)
         trimmed = {"messages": dropped, "prompt_tokens": cut} if dropped or cut else None
         headers = {"X-Context-Trimmed": f"messages={dropped}; prompt_tokens={cut}"} if trimmed else None
-        meta = dict(id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
-                    model=self.model_id)
+        meta = dict(
+            id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.model_id,
+        )
         texts = [ChoiceText(stops) for _ in reqs]
-        usage = lambda: {"prompt_tokens": sum(len(r.prompt) for r in reqs[::len(params)]),
-                         "completion_tokens": sum(r.generated for r in reqs),
-                         "total_tokens": sum(len(r.prompt) for r in reqs[::len(params)]) + sum(r.generated for r in reqs)}
+        usage = lambda: {
+            "prompt_tokens": sum(len(r.prompt) for r in reqs[:: len(params)]),
+            "completion_tokens": sum(r.generated for r in reqs),
+            "total_tokens": sum(len(r.prompt) for r in reqs[:: len(params)]) + sum(r.generated for r in reqs),
+        }
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = self.stream(kind, reqs, events, texts, meta, usage, include_usage, trimmed)
             return EventStream(stream, media_type="text/event-stream", headers=headers)
         try:
             async with anyio.create_task_group() as tg:  # a client that leaves cancels its requests
+
                 async def watch():
                     while (await request.receive())["type"] != "http.disconnect":
                         pass
                     tg.cancel_scope.cancel()
+
                 tg.start_soon(watch)
                 open_ = len(reqs)
                 while open_:
@@ -261,12 +312,23 @@ class Server:
                 raise APIError(503, "The engine stopped while decoding.", kind="server_error")
             reason = "length" if r.finish_reason == "length" else "stop"
             if kind == "chat":
-                choices.append({"index": i, "message": {"role": "assistant", "content": t.text}, "logprobs": None,
-                                "finish_reason": reason})
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": t.text},
+                        "logprobs": None,
+                        "finish_reason": reason,
+                    }
+                )
             else:
                 choices.append({"index": i, "text": t.text, "logprobs": None, "finish_reason": reason})
-        out = {**meta, "object": "chat.completion" if kind == "chat" else "text_completion",
-               "system_fingerprint": None, "choices": choices, "usage": usage()}
+        out = {
+            **meta,
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "system_fingerprint": None,
+            "choices": choices,
+            "usage": usage(),
+        }
         if trimmed:
             out["trimmed"] = trimmed
         return JSONResponse(out, headers=headers)
@@ -277,7 +339,9 @@ class Server:
 
         def chunk(i, content=None, finish=None, first=False):
             if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if first else ({} if content is None else {"content": content})
+                delta = (
+                    {"role": "assistant", "content": ""} if first else ({} if content is None else {"content": content})
+                )
                 choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": i, "text": content or "", "logprobs": None, "finish_reason": finish}
@@ -287,6 +351,7 @@ class Server:
             if pending_trim[0]:
                 out["trimmed"], pending_trim[0] = pending_trim[0], None
             return f"data: {json.dumps(out)}\n\n"
+
         try:
             if kind == "chat":
                 for i in range(len(reqs)):
@@ -305,8 +370,12 @@ class Server:
                 for i in ended:
                     open_ -= 1
                     if reqs[i].finish_reason == "error":
-                        err = {"message": "The engine stopped while decoding.", "type": "server_error", "param": None,
-                               "code": None}
+                        err = {
+                            "message": "The engine stopped while decoding.",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
                         yield "".join(out) + f"data: {json.dumps({'error': err})}\n\n"
                         return
                     tail = texts[i].finish()
@@ -316,7 +385,8 @@ class Server:
                 if out:
                     yield "".join(out)
             if include_usage:
-                yield f"data: {json.dumps({**meta, 'object': obj, 'system_fingerprint': None, 'choices': [], 'usage': usage()})}\n\n"
+                last = {**meta, "object": obj, "system_fingerprint": None, "choices": [], "usage": usage()}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for r in reqs:
@@ -335,34 +405,53 @@ class Server:
         return await self.run(request, "text", body, self.completion_prompts(body), params, stops, 0)
 
     def model_card(self) -> dict:
-        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "fgpt-jax",
-                "max_model_len": self.block, "instruction_tuned": self.instruction_tuned}
+        return {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "fgpt-jax",
+            "max_model_len": self.block,
+            "instruction_tuned": self.instruction_tuned,
+        }
 
     async def models(self, request: Request) -> Response:
         self.check_key(request)
         if "model" in request.path_params:
             if request.path_params["model"] != self.model_id:
-                raise APIError(404, f"The model '{request.path_params['model']}' does not exist.", param="model",
-                               code="model_not_found")
+                raise APIError(
+                    404,
+                    f"The model '{request.path_params['model']}' does not exist.",
+                    param="model",
+                    code="model_not_found",
+                )
             return JSONResponse(self.model_card())
         return JSONResponse({"object": "list", "data": [self.model_card()]})
 
     async def health(self, request: Request) -> Response:
         eng = self.engine
         ok = eng.error is None and not eng._closed
-        return JSONResponse({"status": "ok" if ok else "stopped", "model": self.model_id,
-                             "instruction_tuned": self.instruction_tuned, "running": eng.active_count(),
-                             "pending": eng.pending_count(), "peak_running": eng.peak_active, "max_batch": eng.max_batch,
-                             "finished": {k: eng.finished[k] for k in ("stop", "length", "cancelled", "error")}},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "stopped",
+                "model": self.model_id,
+                "instruction_tuned": self.instruction_tuned,
+                "running": eng.active_count(),
+                "pending": eng.pending_count(),
+                "peak_running": eng.peak_active,
+                "max_batch": eng.max_batch,
+                "finished": {k: eng.finished[k] for k in ("stop", "length", "cancelled", "error")},
+            },
+            status_code=200 if ok else 503,
+        )
 
     async def page(self, request: Request) -> Response:
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 def _error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status,
-                        headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+    return JSONResponse(
+        exc.body(), status_code=exc.status, headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    )
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
@@ -370,8 +459,10 @@ async def _api_error(request: Request, exc: APIError) -> Response:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    message = {404: f"Unknown route {request.method} {request.url.path}.",
-               405: f"Method {request.method} not allowed on {request.url.path}."}.get(exc.status_code, exc.detail)
+    message = {
+        404: f"Unknown route {request.method} {request.url.path}.",
+        405: f"Method {request.method} not allowed on {request.url.path}.",
+    }.get(exc.status_code, exc.detail)
     return _error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
 
 
@@ -379,8 +470,9 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _error_response(APIError(500, f"Internal error: {type(exc).__name__}", kind="server_error"))
 
 
-def create_app(engine: Engine, model_id: str, instruction_tuned: bool, api_key: str | None = None,
-               limits: Limits = Limits()) -> Starlette:
+def create_app(
+    engine: Engine, model_id: str, instruction_tuned: bool, api_key: str | None = None, limits: Limits = Limits()
+) -> Starlette:
     """The ASGI app serving `engine` as `model_id` (the engine's lifetime stays the caller's)."""
     s = Server(engine, model_id, instruction_tuned, api_key, limits)
     routes = [
@@ -392,7 +484,8 @@ def create_app(engine: Engine, model_id: str, instruction_tuned: bool, api_key: 
         Route("/v1/completions", s.completions, methods=["POST"]),
         Mount("/static", StaticFiles(directory=WEB_DIR), name="static"),
     ]
-    app = Starlette(routes=routes, exception_handlers={APIError: _api_error, HTTPException: _http_error,
-                                                       Exception: _internal_error})
+    app = Starlette(
+        routes=routes, exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error}
+    )
     app.state.server = s
     return app

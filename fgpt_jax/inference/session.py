@@ -23,9 +23,17 @@ from fgpt_jax.tokenizer import Tokenizer, get_tokenizer
 class ChatSession:
     """A conversation with a model: history, context trimming, streamed replies."""
 
-    def __init__(self, generator: Generator, system: str | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.7, top_k: int = 50, top_p: float = 0.95, seed: int = 0,
-                 tokenizer: Tokenizer | None = None):
+    def __init__(
+        self,
+        generator: Generator,
+        system: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_k: int = 50,
+        top_p: float = 0.95,
+        seed: int = 0,
+        tokenizer: Tokenizer | None = None,
+    ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens {max_new_tokens}: expected an integer >= 1")
         self.gen, self.tok = generator, tokenizer or get_tokenizer()
@@ -60,8 +68,9 @@ class ChatSession:
         if not self.history:
             return ids  # a system prompt alone over budget: the generator keeps the last tokens
         last = self.history[-1]
-        skeleton, _ = self.tok.render_chat(self._messages()[:-1] + [{**last, "content": ""}],
-                                           add_generation_prompt=True)
+        skeleton, _ = self.tok.render_chat(
+            self._messages()[:-1] + [{**last, "content": ""}], add_generation_prompt=True
+        )
         room = budget - len(skeleton)
         if room < 1:
             return ids

@@ -21,15 +21,21 @@ def _parser() -> cli.Parser:
         prog="python -m fgpt_jax.train",
         description="Train a GPT. With no arguments: the tiny quickstart on the bundled Tiny Shakespeare.",
         epilog="Config: --config PRESET_OR_FILE (presets: fgpt_jax/configs, the repository's configs/; default "
-               "tiny) and dotted overrides such as --config.model.n_layer=6 --config.train.steps=1000 "
-               "--config.optim.name=adamw. Every key: docs/configs.md.")
+        "tiny) and dotted overrides such as --config.model.n_layer=6 --config.train.steps=1000 "
+        "--config.optim.name=adamw. Every key: docs/configs.md.",
+    )
     p.add_argument("--config", metavar="FILE_OR_PRESET", help="config preset name or .py file (default: tiny)")
-    p.add_argument("--run", "--workdir", dest="run", type=Path, metavar="DIR",
-                   help="run directory (default: runs/<config name>)")
+    p.add_argument(
+        "--run", "--workdir", dest="run", type=Path, metavar="DIR", help="run directory (default: runs/<config name>)"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --run from its latest checkpoint")
-    p.add_argument("--step", type=cli.int_in(1), metavar="N",
-                   help="with --resume: continue from checkpoint N instead of the latest (later ones are moved to "
-                        "RUN/checkpoints.set-aside/)")
+    p.add_argument(
+        "--step",
+        type=cli.int_in(1),
+        metavar="N",
+        help="with --resume: continue from checkpoint N instead of the latest (later ones are moved to "
+        "RUN/checkpoints.set-aside/)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     return p
 
@@ -62,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         last = train(cfg, run, resume=args.resume, resume_step=args.step)
         if jax.process_index() == 0:
             print(json.dumps({k: v for k, v in last.items() if not isinstance(v, str)}))
-            print(f"run: {run}\nTensorBoard: tensorboard --logdir {run / 'tb'}\n"
-                  f"Resume or extend: python -m fgpt_jax.train --run {run} --resume [--config.train.steps=N]")
+            print(
+                f"run: {run}\nTensorBoard: tensorboard --logdir {run / 'tb'}\n"
+                f"Resume or extend: python -m fgpt_jax.train --run {run} --resume [--config.train.steps=N]"
+            )
         stopped = last.get("stopped_by_signal")
         return 128 + stopped if stopped else 0
 
@@ -73,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     from fgpt_jax.data.sources import DataError
     from fgpt_jax.rundir import RunDirError
     from fgpt_jax.train import TrainingError
-    return cli.run(body, (ConfigError, TrainingError, CheckpointError, RunDirError, ShardError, DataError,
-                          HellaSwagError, ValueError))
+
+    return cli.run(
+        body,
+        (ConfigError, TrainingError, CheckpointError, RunDirError, ShardError, DataError, HellaSwagError, ValueError),
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ optionally a line for the console and train.log.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import jax
 
@@ -34,14 +34,21 @@ from fgpt_jax.loss import DPO_METRICS
 from fgpt_jax.tokenizer import get_tokenizer
 
 # FGPT's fixed questions: their greedy answers are logged during instruction tuning.
-CHAT_EVAL_PROMPTS = ("What is the capital of France?", "What is 2 + 2?", "Define 'cat'.", "Say hello.",
-                     "Where is the White House located?", "Who wrote Romeo and Juliet?",
-                     "Summarise the novel 1984 in one sentence.")
+CHAT_EVAL_PROMPTS = (
+    "What is the capital of France?",
+    "What is 2 + 2?",
+    "Define 'cat'.",
+    "Say hello.",
+    "Where is the White House located?",
+    "Who wrote Romeo and Juliet?",
+    "Summarise the novel 1984 in one sentence.",
+)
 
 
 @dataclass
 class Result:
     """What a hook reports: metrics to log, and an optional line for the console and train.log."""
+
     metrics: dict = field(default_factory=dict)
     line: str | None = None
 
@@ -57,8 +64,11 @@ class Hook:
         self.every = int(every)
 
     def due(self, step: int, last_step: int, stopping: bool) -> bool:
-        return ((self.every > 0 and step % self.every == 0) or (self.at_end and step == last_step)
-                or (self.on_stop and stopping))
+        return (
+            (self.every > 0 and step % self.every == 0)
+            or (self.at_end and step == last_step)
+            or (self.on_stop and stopping)
+        )
 
     def __call__(self, step: int, state, results: dict) -> Result:
         """Run at `step` on the live train `state`; `results` holds the metrics of the hooks that
@@ -94,8 +104,10 @@ class PreferenceVal(Hook):
 
     def __call__(self, step, state, results) -> Result:
         m = preference_metrics(self.eval_step, state.params, self.batches, self.mesh)
-        line = (f"step {step}: val/dpo/loss {m['dpo/loss']:.4f} rewards/accuracy {m['rewards/accuracy']:.3f} "
-                f"rewards/margin {m['rewards/margin']:.4f} ({m['pairs']} pairs)")
+        line = (
+            f"step {step}: val/dpo/loss {m['dpo/loss']:.4f} rewards/accuracy {m['rewards/accuracy']:.3f} "
+            f"rewards/margin {m['rewards/margin']:.4f} ({m['pairs']} pairs)"
+        )
         return Result({"val/loss": m["dpo/loss"], **{f"val/{k}": m[k] for k in DPO_METRICS}}, line)
 
 
@@ -127,8 +139,10 @@ class HellaSwag(Hook):
 
     def __call__(self, step, state, results) -> Result:
         r = self.scorer(self.graphdef, state.params)  # on every process: an SPMD computation
-        line = (f"step {step}: hellaswag acc {r['acc']:.4f} acc_norm {r['acc_norm']:.4f} "
-                f"acc_token_avg {r['acc_token_avg']:.4f} (n={r['n']})")
+        line = (
+            f"step {step}: hellaswag acc {r['acc']:.4f} acc_norm {r['acc_norm']:.4f} "
+            f"acc_token_avg {r['acc_token_avg']:.4f} (n={r['n']})"
+        )
         return Result({f"hellaswag/{k}": r[k] for k in self.KEYS}, line)
 
 
@@ -147,15 +161,18 @@ class TextSample(Hook):
         tok = get_tokenizer()
         gen = Generator(self.graphdef, state.params)  # params are global arrays: every process runs this
         if self.chat:
-            prompts = [tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
-                       for q in CHAT_EVAL_PROMPTS]
+            prompts = [
+                tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
+                for q in CHAT_EVAL_PROMPTS
+            ]
             answers = gen.generate(prompts, self.max_new_tokens, temperature=0)
-            text = "\n\n".join(f"Q: {q}\nA: {tok.decode([i for i in a if i not in tok.stop_ids])}"
-                               for q, a in zip(CHAT_EVAL_PROMPTS, answers))
+            text = "\n\n".join(
+                f"Q: {q}\nA: {tok.decode([i for i in a if i not in tok.stop_ids])}"
+                for q, a in zip(CHAT_EVAL_PROMPTS, answers)
+            )
         else:
             key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
             seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-            ids = gen.generate([tok.encode(self.prompt)], self.max_new_tokens, temperature=1.0, top_k=50,
-                               seed=seed)[0]
+            ids = gen.generate([tok.encode(self.prompt)], self.max_new_tokens, temperature=1.0, top_k=50, seed=seed)[0]
             text = self.prompt + tok.decode([i for i in ids if i not in tok.stop_ids])
         return Result({"samples": text}, f"step {step} sample: {text!r}")

@@ -19,14 +19,18 @@ class TrainingError(RuntimeError):
     """The run cannot go on (bad setup or a diverged loss); the message says why in one line."""
 
 
-
 def check_base(cfg: Config) -> None:
     base = RunDir(cfg.init_from).read_config().model
-    diffs = [f"{f} {getattr(cfg.model, f)} vs {getattr(base, f)}" for f in SHAPE_FIELDS
-             if getattr(cfg.model, f) != getattr(base, f)]
+    diffs = [
+        f"{f} {getattr(cfg.model, f)} vs {getattr(base, f)}"
+        for f in SHAPE_FIELDS
+        if getattr(cfg.model, f) != getattr(base, f)
+    ]
     if diffs:
-        raise TrainingError(f"init_from {cfg.init_from}: model shape differs from the base run ({', '.join(diffs)}); "
-                            f"set model to None in the config (take the base run's model) or match it")
+        raise TrainingError(
+            f"init_from {cfg.init_from}: model shape differs from the base run ({', '.join(diffs)}); "
+            f"set model to None in the config (take the base run's model) or match it"
+        )
 
 
 def check_run(cfg: Config, run: RunDir, resume: bool, resume_step: int | None) -> int | None:
@@ -34,17 +38,22 @@ def check_run(cfg: Config, run: RunDir, resume: bool, resume_step: int | None) -
     Returns the step to resume from."""
     steps = run.checkpoint_steps()
     if steps and not resume:
-        raise TrainingError(f"--run {run}: already holds checkpoints; pass --resume to continue it, "
-                            f"or choose another run directory")
+        raise TrainingError(
+            f"--run {run}: already holds checkpoints; pass --resume to continue it, or choose another run directory"
+        )
     if not resume:
         return None
     if not steps:
         raise TrainingError(f"--resume: no checkpoint in {run.checkpoints}")
     if resume_step is not None and resume_step not in steps:
-        raise TrainingError(f"--step {resume_step}: not a checkpoint of {run} (available: {', '.join(map(str, steps))})")
+        raise TrainingError(
+            f"--step {resume_step}: not a checkpoint of {run} (available: {', '.join(map(str, steps))})"
+        )
     if run.read_config().model != cfg.model:
-        raise TrainingError(f"--resume: the model config differs from {run.config_path}; "
-                            f"resume with the run's own config (drop the model overrides)")
+        raise TrainingError(
+            f"--resume: the model config differs from {run.config_path}; "
+            f"resume with the run's own config (drop the model overrides)"
+        )
     return steps[-1] if resume_step is None else resume_step
 
 
@@ -58,12 +67,16 @@ def warm_source(cfg: Config) -> tuple[int, dict]:
         if step is None:
             raise TrainingError(f"init_from {cfg.init_from}: no complete checkpoint")
         if not (base.checkpoints / str(step) / "train").exists():
-            raise TrainingError(f"init_from {cfg.init_from}: checkpoint {step} holds parameters only (an imported "
-                                f"model?): init_mode=warm needs optimizer state; use init_mode=params")
+            raise TrainingError(
+                f"init_from {cfg.init_from}: checkpoint {step} holds parameters only (an imported "
+                f"model?): init_mode=warm needs optimizer state; use init_mode=params"
+            )
         base_optim = base.read_config().optim.name
         if base_optim != cfg.optim.name:
-            raise TrainingError(f"init_mode=warm: init_from used optim.name={base_optim}, this config "
-                                f"{cfg.optim.name}; the moments must belong to the same optimizer")
+            raise TrainingError(
+                f"init_mode=warm: init_from used optim.name={base_optim}, this config "
+                f"{cfg.optim.name}; the moments must belong to the same optimizer"
+            )
         return step, ckpts.read_json(step, "data")
     finally:
         ckpts.close()
@@ -72,19 +85,27 @@ def warm_source(cfg: Config) -> tuple[int, dict]:
 def warm_state(cfg: Config, setup, step: int, data_state: dict, loader_identity: dict):
     """The state a warm restart begins with: init_from's parameters and optimizer moments at `step`,
     a step counter and schedules at 0, a PRNG stream from this config's seed."""
-    diffs = [f"{k} {data_state.get(k)!r} vs {v!r}" for k, v in loader_identity.items()
-             if k not in ("global_batch_size", "first_row") and data_state.get(k) != v]
+    diffs = [
+        f"{k} {data_state.get(k)!r} vs {v!r}"
+        for k, v in loader_identity.items()
+        if k not in ("global_batch_size", "first_row") and data_state.get(k) != v
+    ]
     if diffs:
-        raise TrainingError(f"init_mode=warm continues init_from's data stream, but the data differs "
-                            f"({', '.join(diffs)}); use the same data.path, data.seed and train.seq_len")
+        raise TrainingError(
+            f"init_mode=warm continues init_from's data stream, but the data differs "
+            f"({', '.join(diffs)}); use the same data.path, data.seed and train.seq_len"
+        )
     ckpts = Checkpoints(RunDir(cfg.init_from).checkpoints, read_only=True)
     try:
         state, _ = ckpts.restore(step, setup.abstract_state)
     finally:
         ckpts.close()
     key = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 1))
-    return state.replace(step=jnp.zeros_like(state.step), opt_state=restart_schedule(state.opt_state),
-                         rng=jax.device_put(key, state.rng.sharding))
+    return state.replace(
+        step=jnp.zeros_like(state.step),
+        opt_state=restart_schedule(state.opt_state),
+        rng=jax.device_put(key, state.rng.sharding),
+    )
 
 
 def rows_read(data_state: dict) -> int:

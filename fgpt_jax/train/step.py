@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,9 +60,13 @@ def objective_for(cfg: Config) -> Objective:
     return LM_OBJECTIVE
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr_fn: Callable[[jax.Array], dict], state_shardings=None,
-                    objective: Objective = LM_OBJECTIVE) -> Callable:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lr_fn: Callable[[jax.Array], dict],
+    state_shardings=None,
+    objective: Objective = LM_OBJECTIVE,
+) -> Callable:
     """Build `step(state, batch) -> (state, metrics)`; `batch` is a `Batch` (a `PreferenceBatch` for
     DPO) of [A, B, ...] arrays.
 
@@ -82,8 +87,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 return loss_sum / count, metric_sums
 
             (loss, metric_sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss,
-                    jax.tree.map(jnp.add, metrics_acc, metric_sums)), None
+            return (
+                jax.tree.map(jnp.add, grads_acc, grads),
+                loss_acc + loss,
+                jax.tree.map(jnp.add, metrics_acc, metric_sums),
+            ), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         metric_zeros = {k: jnp.zeros((), jnp.float32) for k in objective.metrics}
@@ -91,8 +99,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         grad_norm = optax.tree.norm(grads)  # before clipping: what clipping acts on
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"train/loss": loss, "grad_norm": grad_norm, **lr_fn(state.step),
-                   **{k: v / count for k, v in metric_sums.items()}}
+        metrics = {
+            "train/loss": loss,
+            "grad_norm": grad_norm,
+            **lr_fn(state.step),
+            **{k: v / count for k, v in metric_sums.items()},
+        }
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
@@ -129,5 +141,6 @@ def build_setup(cfg: Config, mesh) -> Setup:
     shardings = shd.tree_shardings(abstract, mesh, cfg.train.sharding)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     init = jax.jit(fresh_state, out_shardings=shardings)
-    return Setup(graphdef, tx, shardings, abstract, init,
-                 make_train_step(graphdef, tx, lr_fn, shardings, objective_for(cfg)))
+    return Setup(
+        graphdef, tx, shardings, abstract, init, make_train_step(graphdef, tx, lr_fn, shardings, objective_for(cfg))
+    )

@@ -21,8 +21,8 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 from flax import nnx
@@ -94,8 +94,9 @@ class Console:
 class Trainer:
     """One run in progress: its state, data, jitted step and hooks. Built by `train`."""
 
-    def __init__(self, cfg: Config, run: RunDir, resume: bool, on_step: Callable | None,
-                 resume_step: int | None = None):
+    def __init__(
+        self, cfg: Config, run: RunDir, resume: bool, on_step: Callable | None, resume_step: int | None = None
+    ):
         self.cfg, self.rundir, self.on_step = cfg, run, on_step
         t = cfg.train
         self.is_main = jax.process_index() == 0
@@ -108,13 +109,17 @@ class Trainer:
         self.mesh = shd.make_mesh()
         micro = t.batch_size // t.grad_accum
         if micro % self.mesh.size:
-            raise TrainingError(f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch must be "
-                                f"divisible by the {self.mesh.size} devices")
+            raise TrainingError(
+                f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch must be "
+                f"divisible by the {self.mesh.size} devices"
+            )
         warm = cfg.init_from and cfg.init_mode == "warm" and not resume
         preference = cfg.data.format == "preference"
         if preference and (not cfg.init_from or cfg.init_mode != "params"):
-            raise TrainingError("data.format=preference (DPO): set init_from=RUN_DIR, the run to start from and "
-                                "compare with (an SFT run), and init_mode=params")
+            raise TrainingError(
+                "data.format=preference (DPO): set init_from=RUN_DIR, the run to start from and "
+                "compare with (an SFT run), and init_mode=params"
+            )
         if cfg.init_from and not resume:
             check_base(cfg)
         start = check_run(cfg, run, resume, resume_step)
@@ -124,10 +129,21 @@ class Trainer:
             base_step, base_data = warm_source(cfg)
             first_row = rows_read(base_data)
         # DPO: the reference scores every row before the policy's state exists, then is freed.
-        reference = (Reference(run.path, cfg.init_from, cfg.dpo, self.mesh, micro, reuse=start is not None)
-                     if preference else None)
-        data = open_data(cfg.data, self.seq_len, t.batch_size, micro, jax.process_index(), jax.process_count(),
-                         first_row=first_row, reference=reference)
+        reference = (
+            Reference(run.path, cfg.init_from, cfg.dpo, self.mesh, micro, reuse=start is not None)
+            if preference
+            else None
+        )
+        data = open_data(
+            cfg.data,
+            self.seq_len,
+            t.batch_size,
+            micro,
+            jax.process_index(),
+            jax.process_count(),
+            first_row=first_row,
+            reference=reference,
+        )
         if reference is not None:
             reference.release()
         if data.stats:
@@ -135,8 +151,10 @@ class Trainer:
             unit = "pairs" if preference else "rows"
             rows = data.stats.get(f"train_{unit}")
             if rows:
-                self.console(f"{t.steps} steps x {t.batch_size} {unit} = {t.steps * t.batch_size / rows:.1f} epochs "
-                             f"of the {rows} training {unit}")
+                self.console(
+                    f"{t.steps} steps x {t.batch_size} {unit} = {t.steps * t.batch_size / rows:.1f} epochs "
+                    f"of the {rows} training {unit}"
+                )
         for note in data.notes + (reference.notes if reference is not None else []):
             self.console(note)
         self.data, self.loader = data, data.loader
@@ -157,8 +175,11 @@ class Trainer:
             self.state = self.setup.init(base)
         self.start = start or 0
         self.batch_sharding = shd.batch_sharding(self.mesh, 3, batch_axis=1)
-        val_hook, eval_step = ((H.PreferenceVal, dpo_eval_step(self.setup.graphdef, cfg.dpo, self.mesh)) if preference
-                               else (H.ValLoss, make_eval_step(self.setup.graphdef)))
+        val_hook, eval_step = (
+            (H.PreferenceVal, dpo_eval_step(self.setup.graphdef, cfg.dpo, self.mesh))
+            if preference
+            else (H.ValLoss, make_eval_step(self.setup.graphdef))
+        )
         self.val = val_hook(t.eval_every, eval_step, data.val, self.mesh) if data.val else None
         scorer = self._hellaswag_scorer(micro)
 
@@ -175,37 +196,56 @@ class Trainer:
         if start is not None:
             self.console(f"resumed from step {start} ({run.checkpoints / str(start)})")
         elif warm:
-            self.console(f"warm restart from {cfg.init_from} step {base_step}: its parameters, optimizer moments "
-                         f"and data position (row {first_row}); a new schedule from step 0")
+            self.console(
+                f"warm restart from {cfg.init_from} step {base_step}: its parameters, optimizer moments "
+                f"and data position (row {first_row}); a new schedule from step 0"
+            )
         elif cfg.init_from:
             self.console(f"initialised from {cfg.init_from}")
         self.writer = MetricsWriter(run, keep_through=self.start if start is not None else -1, enabled=self.is_main)
         tokens_per_step = t.batch_size * (2 if preference else 1) * self.seq_len  # a pair is two rows
-        self.throughput = Throughput(tokens_per_step, cfg.model.flops_per_token(self.seq_len), self.mesh.size,
-                                     peak_flops())
+        self.throughput = Throughput(
+            tokens_per_step, cfg.model.flops_per_token(self.seq_len), self.mesh.size, peak_flops()
+        )
         self.last: dict = {}
-        self.console(f"{cfg.name}: {cfg.model.num_params() / 1e6:.2f}M parameters, {t.steps} steps of "
-                     f"{tokens_per_step:,} tokens ({t.grad_accum} x {micro}{' pairs x 2' if preference else ''} x "
-                     f"{self.seq_len}), {self.mesh.size} device(s) [{jax.devices()[0].device_kind}], {t.sharding}, "
-                     f"optimizer {cfg.optim.name}")
+        self.console(
+            f"{cfg.name}: {cfg.model.num_params() / 1e6:.2f}M parameters, {t.steps} steps of "
+            f"{tokens_per_step:,} tokens ({t.grad_accum} x {micro}{' pairs x 2' if preference else ''} x "
+            f"{self.seq_len}), {self.mesh.size} device(s) [{jax.devices()[0].device_kind}], {t.sharding}, "
+            f"optimizer {cfg.optim.name}"
+        )
 
     def _hellaswag_scorer(self, micro: int):
         t = self.cfg.train
         if not t.hellaswag_every:
             return None
         from fgpt_jax.eval.hellaswag import HellaSwagScorer  # tokenises and packs the items once
-        return HellaSwagScorer.from_file(t.hellaswag_data or None, block_size=self.cfg.model.block_size,
-                                         limit=t.hellaswag_limit or None, batch_size=micro, mesh=self.mesh)
+
+        return HellaSwagScorer.from_file(
+            t.hellaswag_data or None,
+            block_size=self.cfg.model.block_size,
+            limit=t.hellaswag_limit or None,
+            batch_size=micro,
+            mesh=self.mesh,
+        )
 
     def _hooks(self, scorer) -> list[H.Hook]:
         """The periodic work, in the order it runs (see hooks.py)."""
         cfg, t = self.cfg, self.cfg.train
-        hooks: list[H.Hook] = [h for h in (self.val, H.Checkpoint(t.ckpt_every, self.checkpoints, self.loader))
-                               if h is not None]
+        hooks: list[H.Hook] = [
+            h for h in (self.val, H.Checkpoint(t.ckpt_every, self.checkpoints, self.loader)) if h is not None
+        ]
         if scorer is not None:
             hooks.append(H.HellaSwag(t.hellaswag_every, scorer, self.setup.graphdef))
-        hooks.append(H.TextSample(t.sample_every, self.setup.graphdef, t.sample_prompt,
-                                  t.sample_tokens, chat=cfg.data.format in ("chat", "preference")))
+        hooks.append(
+            H.TextSample(
+                t.sample_every,
+                self.setup.graphdef,
+                t.sample_prompt,
+                t.sample_tokens,
+                chat=cfg.data.format in ("chat", "preference"),
+            )
+        )
         return hooks
 
     def _set_aside_after(self, step: int) -> None:
@@ -225,8 +265,14 @@ class Trainer:
         """The loop. `stop` is installed before the Trainer is built, so a signal during setup (data,
         compilation, restore) ends the run before its first step, with nothing to save."""
         t = self.cfg.train
-        self.bar = tqdm(total=t.steps, initial=self.start, desc=self.cfg.name, unit="step", dynamic_ncols=True,
-                        disable=not self.console.tty)
+        self.bar = tqdm(
+            total=t.steps,
+            initial=self.start,
+            desc=self.cfg.name,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.console.tty,
+        )
         pending = None  # (step, metrics on device) of the step dispatched before the current one
         stopped = stop.signal
         try:
@@ -253,8 +299,7 @@ class Trainer:
                 self._finish(*pending)
             self._saved(self.checkpoints.poll(wait=True))  # the last save, on disk before we say so
             if stopped is not None:
-                self.console(f"stopped by signal {stopped} at step {step}; checkpoint saved. "
-                             f"Continue with --resume")
+                self.console(f"stopped by signal {stopped} at step {step}; checkpoint saved. Continue with --resume")
         finally:
             self.bar.close()
             try:
@@ -288,9 +333,11 @@ class Trainer:
         # either way, stop before anything from this step is saved.
         bad = [k for k in ("train/loss", "grad_norm") if not math.isfinite(values[k])]
         if bad:
-            raise TrainingError(f"step {step}: {bad[0]} is {values[bad[0]]}; stopping. The last good checkpoint "
-                                f"({self.checkpoints.latest_step()}) is intact: lower optim.lr / optim.muon_lr "
-                                f"and --resume, or restart")
+            raise TrainingError(
+                f"step {step}: {bad[0]} is {values[bad[0]]}; stopping. The last good checkpoint "
+                f"({self.checkpoints.latest_step()}) is intact: lower optim.lr / optim.muon_lr "
+                f"and --resume, or restart"
+            )
         self._saved(self.checkpoints.poll())  # a failed async save surfaces here, one step after it failed
         self.data.check()  # raises if the background shard verification found a corrupt shard
         t = self.cfg.train
@@ -336,8 +383,13 @@ class Trainer:
             self.console(result.line)
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False,
-          on_step: Callable[[int, dict], None] | None = None, resume_step: int | None = None) -> dict:
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    resume: bool = False,
+    on_step: Callable[[int, dict], None] | None = None,
+    resume_step: int | None = None,
+) -> dict:
     """Train `cfg` in `run_dir` (created if needed). Returns the last logged metrics.
 
     `resume` continues from the latest checkpoint, or from `resume_step` (later checkpoints, e.g.
