@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from fgpt_jax import cli
+from fgpt_jax.errors import UserError
 
 
 def _parser() -> cli.Parser:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                     print()
                 return 0
             except UnicodeDecodeError:
-                raise ValueError("stdin: not UTF-8 text") from None
+                raise UserError("stdin: not UTF-8 text") from None
             text = line.strip()
             if text in ("/quit", "/exit"):
                 return 0
@@ -92,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write("assistant> ")
             _answer(session, text)
 
-    from fgpt_jax.checkpoint import CheckpointError
-    from fgpt_jax.config import ConfigError
-
-    return cli.run(body, (ConfigError, CheckpointError, ValueError))
+    return cli.run(body)
 
 
 if __name__ == "__main__":

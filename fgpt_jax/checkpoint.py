@@ -36,11 +36,12 @@ from flax import nnx
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from fgpt_jax.config import Config
+from fgpt_jax.errors import UserError
 from fgpt_jax.model import GPT, abstract_model, named_leaves
 from fgpt_jax.rundir import RunDir
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used here; the message says which and why."""
 
 

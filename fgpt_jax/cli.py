@@ -2,7 +2,14 @@
 
 The contract of every `python -m fgpt_jax.<command>`: `--help` prints the usage; bad input exits
 with status 2 and one line `error: <file or flag>: <what was expected>` on stderr, never a
-traceback; Ctrl-C exits with status 130. Only CLI modules import this (libraries raise exceptions).
+traceback; Ctrl-C exits with status 130. Only CLI modules import this (libraries raise exceptions:
+any `fgpt_jax.errors.UserError` becomes that one line, see `run`).
+
+Why the CLIs import lazily: every `__main__` imports only argparse, this module and fgpt_jax.errors at
+the top, and the library (JAX, flax, orbax, datasets) inside its body, after the arguments are parsed
+and checked. `--help` and a bad flag then answer in a fraction of a second instead of the 2-5 s that
+starting JAX and its plugins takes, and nothing touches a device (or grabs GPU memory) before the
+command knows it will run. A function-level import in a CLI is this rule, not a dodged import cycle.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+
+from fgpt_jax.errors import UserError
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 SEED_MAX = 2**32 - 1  # jax.random.key takes 32- or 64-bit seeds; one range for every command
@@ -157,13 +166,14 @@ def one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
-def run(main: Callable[[], int | None], errors: Sequence[type[BaseException]]) -> int:
-    """Run a CLI body: the exceptions in `errors` (and OS errors) become `error: ...` with status 2;
-    Ctrl-C becomes status 130 with one line."""
+def run(main: Callable[[], int | None]) -> int:
+    """Run a CLI body: a `UserError` (fgpt_jax.errors: every error a user can fix derives from it) and
+    an OS error become `error: ...` with status 2; Ctrl-C becomes status 130 with one line. Anything
+    else is a bug and keeps its traceback."""
     quiet_libraries()
     try:
         return main() or 0
-    except tuple(errors) as e:
+    except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:

@@ -33,12 +33,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fgpt_jax.data import DataConfig
+from fgpt_jax.errors import ConfigError
 from fgpt_jax.model import GPTConfig
 from fgpt_jax.optim import OptimConfig
-
-
-class ConfigError(ValueError):
-    """A bad config file, key or value; the message is one line meant for the user."""
 
 
 @dataclass
@@ -81,7 +78,7 @@ class TrainConfig:
         if not self.sample_prompt.strip():
             problems.append("sample_prompt must not be empty (the text samples continue it)")
         if problems:
-            raise ValueError("TrainConfig: " + "; ".join(problems))
+            raise ConfigError("TrainConfig: " + "; ".join(problems))
 
 
 @dataclass
@@ -104,7 +101,7 @@ class DPOConfig:
         elif self.loss == "ipo" and self.label_smoothing:
             problems.append("label_smoothing applies to loss 'sigmoid' only (IPO has none)")
         if problems:
-            raise ValueError("DPOConfig: " + "; ".join(problems))
+            raise ConfigError("DPOConfig: " + "; ".join(problems))
 
 
 @dataclass
@@ -126,9 +123,9 @@ class Config:
 
     def __post_init__(self):
         if self.init_mode not in ("params", "warm"):
-            raise ValueError(f"Config: init_mode={self.init_mode!r} must be 'params' or 'warm'")
+            raise ConfigError(f"Config: init_mode={self.init_mode!r} must be 'params' or 'warm'")
         if self.init_mode == "warm" and not self.init_from:
-            raise ValueError("Config: init_mode='warm' needs init_from (the run to continue)")
+            raise ConfigError("Config: init_mode='warm' needs init_from (the run to continue)")
 
 
 PRESET_PACKAGE = "fgpt_jax.configs"  # the top-level configs/ directory, installed under this name

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from fgpt_jax import cli
+from fgpt_jax.errors import UserError
 
 
 def _parser() -> cli.Parser:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 prompt = sys.stdin.buffer.read().decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"--prompt -: stdin is not UTF-8 text (byte {e.start})") from None
+                raise UserError(f"--prompt -: stdin is not UTF-8 text (byte {e.start})") from None
         else:
             prompt = args.prompt
         model, _ = load_model(args.run, args.step)
@@ -78,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"sample": i, "text": prompt + text}) if args.num_samples > 1 else prompt + text)
         return 0
 
-    from fgpt_jax.checkpoint import CheckpointError
-    from fgpt_jax.config import ConfigError
-
-    return cli.run(body, (ConfigError, CheckpointError, ValueError))
+    return cli.run(body)
 
 
 if __name__ == "__main__":

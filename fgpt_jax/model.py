@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fgpt_jax.errors import ConfigError
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -59,7 +61,7 @@ class GPTConfig:
         if self.loss_chunk < 0:
             problems.append(f"loss_chunk={self.loss_chunk} must be >= 0")
         if problems:
-            raise ValueError("GPTConfig: " + "; ".join(problems))
+            raise ConfigError("GPTConfig: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
@@ -69,7 +71,7 @@ class GPTConfig:
     def preset(cls, name: str, **overrides) -> GPTConfig:
         """Named model shapes: tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl, fgpt."""
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
         return dataclasses.replace(cls(**PRESETS[name]), **overrides)
 
     def num_params(self) -> int:

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers, MuonState, scale_by_muon
 
+from fgpt_jax.errors import ConfigError
 from fgpt_jax.model import param_name
 
 # Kernels of the hidden matrices, by path inside GPT: h/<i>/attn/c_attn/kernel, ...
@@ -103,7 +104,7 @@ class OptimConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if problems:
-            raise ValueError("OptimConfig: " + "; ".join(problems))
+            raise ConfigError("OptimConfig: " + "; ".join(problems))
 
 
 def lr_multiplier(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from fgpt_jax import cli
+from fgpt_jax.errors import UserError
 from fgpt_jax.metrics import read_metrics
 
 
@@ -31,10 +32,10 @@ def _read_rows(path: Path) -> list[dict]:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (expected the JSON lines fgpt_jax.train writes)") from None
+        raise UserError(f"{path}:{line}: not UTF-8 text (expected the JSON lines fgpt_jax.train writes)") from None
     rows = read_metrics(path)  # skips lines that are not objects with a step (one cut short by a crash, say)
     if not rows:
-        raise ValueError(
+        raise UserError(
             f'{path}: no metrics (expected JSON objects with an integer "step", one per line, as fgpt_jax.train writes)'
         )
     return rows
@@ -53,17 +54,17 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
         matplotlib.use("Agg")  # files only: works on headless GPU nodes
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError('matplotlib is needed for plots: pip install -e ".[plot]"') from None
+        raise UserError('matplotlib is needed for plots: pip install -e ".[plot]"') from None
     out = Path(out) if out else Path(run_dir) / "curves.png"
     formats = sorted(plt.figure().canvas.get_supported_filetypes())
     plt.close("all")
     fmt = out.suffix.lower().removeprefix(".")
     if fmt not in formats:
         what = f"unknown image extension {out.suffix!r}" if out.suffix else "no image extension"
-        raise ValueError(f"--out {out}: {what}; expected one of {', '.join('.' + f for f in formats)}")
+        raise UserError(f"--out {out}: {what}; expected one of {', '.join('.' + f for f in formats)}")
     rows = _read_rows(Path(run_dir) / "metrics.jsonl")
     if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: directory {out.parent} does not exist")
+        raise UserError(f"--out {out}: directory {out.parent} does not exist")
     hella = [k for k in ("hellaswag/acc_norm", "hellaswag/acc", "hellaswag/acc_token_avg") if series(rows, k)[0]]
     panels = 2 + bool(hella)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
@@ -96,7 +97,7 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
         fig.savefig(tmp, dpi=120, format=fmt)
         os.replace(tmp, out)
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+        raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(plot(run, args.out))
         return 0
 
-    return cli.run(body, (FileNotFoundError, ImportError, ValueError))
+    return cli.run(body)
 
 
 if __name__ == "__main__":

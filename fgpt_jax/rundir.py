@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 
 from fgpt_jax.config import Config, ConfigError, load_run_config, save_config
+from fgpt_jax.errors import UserError
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """A run directory that cannot be used as asked; the message is one line naming it."""
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from fgpt_jax import cli
+from fgpt_jax.errors import UserError
 
 
 def _parser() -> cli.Parser:
@@ -62,7 +63,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise ValueError(f"--host {host} --port {port}: cannot bind ({e.strerror or e})") from None
+        raise UserError(f"--host {host} --port {port}: cannot bind ({e.strerror or e})") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -102,10 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             server.run(sockets=[sock])
         return 0
 
-    from fgpt_jax.checkpoint import CheckpointError
-    from fgpt_jax.config import ConfigError
-
-    return cli.run(body, (ConfigError, CheckpointError, ValueError))
+    return cli.run(body)
 
 
 if __name__ == "__main__":

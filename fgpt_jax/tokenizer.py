@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from fgpt_jax.errors import UserError
+
 RANKS_FILE = os.path.join(os.path.dirname(__file__), "assets", "r50k_base.tiktoken")
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # GPT-2's pre-tokenisation regex (tiktoken_ext.openai_public.r50k_pat_str).
@@ -49,7 +51,7 @@ def _check_ranks_file(path: str) -> None:
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if digest != RANKS_SHA256:
-        raise ValueError(f"{path}: sha256 {digest} is not the GPT-2 ranks file ({RANKS_SHA256}); reinstall fgpt-jax")
+        raise UserError(f"{path}: sha256 {digest} is not the GPT-2 ranks file ({RANKS_SHA256}); reinstall fgpt-jax")
 
 
 class Tokenizer:

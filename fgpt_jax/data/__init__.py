@@ -26,6 +26,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from fgpt_jax.errors import ConfigError
+
 FORMATS = ("tokens", "chat", "preference")
 VERIFY = ("background", "startup", "off")
 
@@ -71,7 +73,7 @@ class DataConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if problems:
-            raise ValueError("DataConfig: " + "; ".join(problems))
+            raise ConfigError("DataConfig: " + "; ".join(problems))
 
 
 class Batch(NamedTuple):

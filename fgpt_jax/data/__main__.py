@@ -201,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"out": args.out, **summary}))
         return 0
 
-    from fgpt_jax.data.shards import ShardError
-    from fgpt_jax.data.sources import DataError
-
-    return cli.run(body, (DataError, ShardError))
+    return cli.run(body)
 
 
 def _exit(code: int) -> None:

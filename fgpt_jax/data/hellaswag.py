@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fgpt_jax.data import cache_root
+from fgpt_jax.errors import UserError
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 # Git blob ids (sha1 of b"blob <len>\0" + content) of the official files at rowanz/hellaswag@a29ff8e9.
@@ -44,7 +45,7 @@ N_ENDINGS = 4
 PREPROCESS = ("harness", "none")
 
 
-class HellaSwagError(ValueError):
+class HellaSwagError(UserError, ValueError):
     """Unusable HellaSwag input; the message names the file (and line) and what was expected."""
 
 

@@ -37,6 +37,7 @@ from grain.experimental import index_shuffle
 
 from fgpt_jax.data import Batch, derive
 from fgpt_jax.data.shards import ShardSet
+from fgpt_jax.data.sources import DataError
 
 STATE_VERSION = 1
 TABLE_MAX_ITEMS = 1 << 24  # 17B tokens of windows at T=1024; beyond, grain's index_shuffle
@@ -146,12 +147,12 @@ class BatchLoader:
         """Continue from a saved state: the next batch is batch `state["step"]`."""
         for k, mine in self.identity().items():
             if state.get(k) != mine:
-                raise ValueError(
+                raise DataError(
                     f"{self.kind} state: saved {k}={state.get(k)!r} but this loader has {mine!r} "
                     f"(different data or config; batches would not match)"
                 )
         if state.get("first_row", 0) != self.first_row:
-            raise ValueError(
+            raise DataError(
                 f"{self.kind} state: saved first_row={state.get('first_row', 0)} but this loader has {self.first_row}"
             )
         self._iter.set_state(state["grain"])
@@ -181,7 +182,7 @@ class WindowLoader(BatchLoader):
         # Same count for every offset in [0, T], so each epoch has exactly W windows.
         self.windows_per_epoch = (shards.num_tokens - seq_len) // self.window
         if self.windows_per_epoch < 1:
-            raise ValueError(
+            raise DataError(
                 f"{shards.path}: {shards.split} split has {shards.num_tokens} tokens, "
                 f"too few for one window of {self.window} (need {2 * seq_len + 1})"
             )
@@ -257,7 +258,7 @@ class RowLoader(BatchLoader):
         first_row: int = 0,
     ):
         if rows.num_rows < 1:
-            raise ValueError(f"{kind} data: no rows (every record filtered out?)")
+            raise DataError(f"{kind} data: no rows (every record filtered out?)")
         self.rows, self.seed, self.row_kind = rows, int(seed), kind
         self.kind = f"{kind} data"
         self.permutation = EpochPermutation(rows.num_rows, self.seed, f"{kind}-rows")
@@ -296,7 +297,7 @@ def val_windows(
     window = seq_len + 1
     available = shards.num_tokens // window
     if available < 1:
-        raise ValueError(
+        raise DataError(
             f"{shards.path}: {shards.split} split has {shards.num_tokens} tokens, too few for one window of {window}"
         )
     if num_windows < 1 or batch_size < 1:

@@ -37,6 +37,7 @@ from fgpt_jax.data.conversations import build_chat_data, load_conversations
 from fgpt_jax.data.loader import BatchLoader, RowLoader, Rows, WindowLoader, val_rows, val_windows
 from fgpt_jax.data.preferences import PairLoader, build_preference_data, load_pairs, val_pairs
 from fgpt_jax.data.shards import ShardError, ShardSet, file_sha256, open_shards, read_manifest
+from fgpt_jax.data.sources import DataError
 from fgpt_jax.tokenizer import get_tokenizer
 
 
@@ -126,7 +127,7 @@ def open_data(
     validation batches are built. Preference data needs `reference(rows) -> [N] float32`, each row's
     log-probability under the reference model (fgpt_jax.eval.dpo.Reference)."""
     if not cfg.path:
-        raise ValueError(
+        raise DataError(
             "data.path: empty; expected a shard directory, the bundled corpus "
             "'tinyshakespeare', or (format chat/preference) a conversations or preference file"
         )
@@ -134,7 +135,7 @@ def open_data(
         return _chat(cfg, seq_len, batch_size, val_batch_size, process_index, process_count, train, first_row)
     if cfg.format == "preference":
         if reference is None:
-            raise ValueError(
+            raise DataError(
                 "data.format=preference: needs the reference model's log-probabilities (a DPO run's init_from)"
             )
         return _preference(
@@ -197,7 +198,7 @@ def _chat(cfg: DataConfig, seq_len, batch_size, val_batch_size, process_index, p
         seed=cfg.seed,
     )
     if chat.train.num_rows == 0 and train:
-        raise ValueError(
+        raise DataError(
             f"data.path {cfg.path}: no conversation fits ({chat.stats['dropped_too_long']} too long, "
             f"{chat.stats['dropped_prompt']} prompt, {chat.stats['dropped_response']} response over the "
             f"limits); raise train.seq_len / data.max_*_tokens or use another source"
@@ -238,7 +239,7 @@ def _preference(
     )
     s = pref.stats
     if pref.train.num_rows == 0 and train:
-        raise ValueError(
+        raise DataError(
             f"data.path {cfg.path}: no preference pair fits ({s['dropped_too_long']} too long, "
             f"{s['dropped_prompt']} prompt, {s['dropped_response']} response over the limits, "
             f"{s['dropped_empty']} empty, {s['dropped_identical']} identical); raise train.seq_len / "

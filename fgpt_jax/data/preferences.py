@@ -309,7 +309,7 @@ def build_preference_data(
 def _check(rows: Rows, ref_logp: np.ndarray, kind: str) -> np.ndarray:
     ref_logp = np.asarray(ref_logp, np.float32)
     if rows.num_rows % 2 or ref_logp.shape != (rows.num_rows,):
-        raise ValueError(
+        raise DataError(
             f"{kind}: {rows.num_rows} rows (pairs of 2) and reference log-probs of shape "
             f"{ref_logp.shape}: expected one per row"
         )
@@ -337,7 +337,7 @@ class PairLoader(BatchLoader):
     ):
         self.ref_logp = _check(rows, ref_logp, self.kind)
         if rows.num_rows < 2:
-            raise ValueError(f"{self.kind}: no pairs (every record filtered out?)")
+            raise DataError(f"{self.kind}: no pairs (every record filtered out?)")
         self.rows, self.seed = rows, int(seed)
         self.num_pairs = rows.num_rows // 2
         self.ref_hash = hashlib.sha256(self.ref_logp.tobytes()).hexdigest()[:16]

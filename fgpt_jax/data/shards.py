@@ -27,6 +27,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fgpt_jax.errors import UserError
 from fgpt_jax.tokenizer import get_tokenizer
 
 MANIFEST = "manifest.json"
@@ -38,7 +39,7 @@ _FINGERPRINT_TOKENS = 4096
 SAMPLE_BLOCKS, SAMPLE_BLOCK_TOKENS = 64, 4096  # the sampled check of shards written from now on
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard directory that cannot be used; the message names the file."""
 
 
@@ -55,7 +56,7 @@ def check_file_name(name: str) -> str:
         or os.path.isabs(name)
         or any(sep and sep in name for sep in ("/", "\\", os.sep, os.altsep))
     ):
-        raise ValueError(
+        raise ShardError(
             f"expected a file name inside the shard directory (no path separator, '..' or absolute path), got {name!r}"
         )
     return name
@@ -139,7 +140,7 @@ class Split(_Strict):
     def _sums(self):
         total = sum(s.num_tokens for s in self.shards)
         if total != self.num_tokens:
-            raise ValueError(f"shards hold {total} tokens, manifest says {self.num_tokens}")
+            raise ShardError(f"shards hold {total} tokens, manifest says {self.num_tokens}")
         return self
 
 

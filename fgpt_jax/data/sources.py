@@ -12,6 +12,8 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 
+from fgpt_jax.errors import UserError
+
 FINEWEB_REPO = "HuggingFaceFW/fineweb-edu"
 HUB_TIMEOUT_S = 10.0  # the one Hub request made before streaming (check_hub)
 # Local file suffix -> `datasets` packaged builder.
@@ -34,7 +36,7 @@ _PG_LICENCE_MAX = 40_000  # characters after END that may be licence (it is ~18-
 _BLANK_LINES = re.compile(r"\n[ \t]*\n+")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad user input; the message reads `<file or flag>: <what was expected>`."""
 
 

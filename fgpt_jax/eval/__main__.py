@@ -31,6 +31,7 @@ from pathlib import Path
 
 from fgpt_jax import cli
 from fgpt_jax.data.hellaswag import PREPROCESS
+from fgpt_jax.errors import UserError
 
 
 def _parser() -> cli.Parser:
@@ -156,18 +157,18 @@ def run_val(
         fmt = "chat" if data.lower().endswith((".json", ".jsonl", ".parquet")) else "tokens"
         data_cfg = dataclasses.replace(cfg.data, path=data, format=fmt)
     elif not cfg.data.path:
-        raise ValueError(
+        raise UserError(
             f"--run {run}: records no training data (an imported model?); pass --data with a shard "
             f"directory, 'tinyshakespeare' or a conversations file"
         )
     elif cfg.data.format == "preference":
-        raise ValueError(
+        raise UserError(
             f"--run {run}: trained on preference pairs; its validation metrics come from python -m "
             f"fgpt_jax.eval dpo --run {run} --ref {cfg.init_from} (--data scores a loss on other data)"
         )
     chat = data_cfg.format == "chat"
     if chat and max_tokens is not None:
-        raise ValueError(
+        raise UserError(
             f"--max-tokens: applies to token shards; conversations ({data_cfg.path}) are scored whole "
             f"(every row of the held-out split)"
         )
@@ -183,7 +184,7 @@ def run_val(
         data_cfg = dataclasses.replace(data_cfg, val_windows=windows)
     val = open_data(data_cfg, seq_len, batch, batch, jax.process_index(), jax.process_count(), train=False)
     if not val.val:
-        raise ValueError(val.notes[0] if val.notes else f"--data {data_cfg.path}: no validation batches")
+        raise UserError(val.notes[0] if val.notes else f"--data {data_cfg.path}: no validation batches")
     graphdef, params, cfg, step = _load(run, step)
     with _progress("val", len(val.val), progress) as bar:
         loss, tokens = mean_loss(make_eval_step(graphdef), params, val.val, shd.batch_sharding(mesh, 2), bar.update)
@@ -219,7 +220,7 @@ def run_dpo(
 
     cfg, ref_cfg = RunDir(run).read_config(), RunDir(ref).read_config()  # bad runs fail before any model loads
     if data is None and cfg.data.format != "preference":
-        raise ValueError(f"--run {run}: trained on {cfg.data.format} data, not preference pairs; pass --data FILE")
+        raise UserError(f"--run {run}: trained on {cfg.data.format} data, not preference pairs; pass --data FILE")
     mesh = shd.make_mesh()
     pairs = batch_size or cfg.train.batch_size // cfg.train.grad_accum  # the trainer's micro-batch
     pairs = -(-pairs // mesh.size) * mesh.size
@@ -239,14 +240,14 @@ def run_dpo(
             data_cfg, seq_len, pairs, pairs, jax.process_index(), jax.process_count(), train=False, reference=ref_logps
         )
         if not opened.val:
-            raise ValueError(f"--run {run}: no preference pair in its validation split ({data_cfg.path})")
+            raise UserError(f"--run {run}: no preference pair in its validation split ({data_cfg.path})")
         batches, stats, path = opened.val, opened.stats, data_cfg.path
     else:  # every pair of the file that fits both models' context, whole
         seq_len = min(cfg.model.block_size, ref_cfg.model.block_size)
         built = build_preference_data(load_pairs(data, limit), seq_len, val_fraction=0.0)
         stats, path = built.stats, data
         if not built.train.num_rows:
-            raise ValueError(
+            raise UserError(
                 f"--data {data}: no pair fits the {seq_len}-token context ({stats['dropped_too_long']} "
                 f"too long, {stats['dropped_empty']} empty, {stats['dropped_identical']} identical)"
             )
@@ -331,13 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(record), flush=True)
         return 0
 
-    from fgpt_jax.checkpoint import CheckpointError
-    from fgpt_jax.config import ConfigError
-    from fgpt_jax.data.hellaswag import HellaSwagError
-    from fgpt_jax.data.shards import ShardError
-    from fgpt_jax.data.sources import DataError
-
-    return cli.run(body, (HellaSwagError, ShardError, ConfigError, CheckpointError, DataError, ValueError))
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from fgpt_jax.config import DPOConfig
 from fgpt_jax.data import PreferenceBatch
 from fgpt_jax.data.loader import Rows
 from fgpt_jax.data.preferences import val_pairs
+from fgpt_jax.data.sources import DataError
 from fgpt_jax.loss import DPO_METRICS, make_dpo_eval_step
 from fgpt_jax.rundir import RunDir
 from fgpt_jax.tokenizer import get_tokenizer
@@ -140,7 +141,7 @@ class Reference:
         if key in self.arrays:
             logps = self.arrays[key]
             if logps.shape != (rows.num_rows,):
-                raise ValueError(
+                raise DataError(
                     f"{self.path}: holds {logps.shape[0]} log-probs for rows {key}, which have "
                     f"{rows.num_rows}; delete it to score the reference again"
                 )
@@ -188,7 +189,7 @@ def read_reference(path: Path) -> tuple[dict[str, np.ndarray], dict]:
             arrays = {k.removeprefix("logp_"): np.asarray(z[k], np.float32) for k in z.files if k.startswith("logp_")}
             meta = json.loads(str(z["meta"]))
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(
+        raise DataError(
             f"{path}: unreadable ({' '.join(str(e).split()) or type(e).__name__}); delete it to "
             f"score the reference again"
         ) from None

@@ -101,12 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"hf_dir": str(out), "run": args.run, "vocab_size": V}))
         return 0
 
-    from fgpt_jax.checkpoint import CheckpointError
-    from fgpt_jax.config import ConfigError
-    from fgpt_jax.hf.weights import HFError
-    from fgpt_jax.rundir import RunDirError
-
-    return cli.run(body, (HFError, ConfigError, CheckpointError, RunDirError))
+    return cli.run(body)
 
 
 if __name__ == "__main__":

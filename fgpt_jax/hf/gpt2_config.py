@@ -12,11 +12,12 @@ import json
 import math
 from pathlib import Path
 
+from fgpt_jax.errors import UserError
 from fgpt_jax.model import GPTConfig
 from fgpt_jax.tokenizer import EOT, SPECIAL_TOKENS
 
 
-class HFError(ValueError):
+class HFError(UserError, ValueError):
     """A checkpoint or argument that does not fit; one line: `<file/flag/tensor>: <what was expected>`."""
 
 

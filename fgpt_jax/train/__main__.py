@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         parser.print_help()
         return 0
-    from fgpt_jax.config import ConfigError, resolve_config, split_config_args, to_json
+    from fgpt_jax.config import resolve_config, split_config_args, to_json
 
     spec, overrides, rest = split_config_args(argv)  # --config.a.b=V are not argparse flags
     args = parser.parse_args(rest)
@@ -75,17 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         stopped = last.get("stopped_by_signal")
         return 128 + stopped if stopped else 0
 
-    from fgpt_jax.checkpoint import CheckpointError
-    from fgpt_jax.data.hellaswag import HellaSwagError
-    from fgpt_jax.data.shards import ShardError
-    from fgpt_jax.data.sources import DataError
-    from fgpt_jax.rundir import RunDirError
-    from fgpt_jax.train import TrainingError
-
-    return cli.run(
-        body,
-        (ConfigError, TrainingError, CheckpointError, RunDirError, ShardError, DataError, HellaSwagError, ValueError),
-    )
+    return cli.run(body)
 
 
 if __name__ == "__main__":

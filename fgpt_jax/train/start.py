@@ -9,13 +9,14 @@ import jax.numpy as jnp
 
 from fgpt_jax.checkpoint import Checkpoints
 from fgpt_jax.config import Config
+from fgpt_jax.errors import UserError
 from fgpt_jax.optim import restart_schedule
 from fgpt_jax.rundir import RunDir
 
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on (bad setup or a diverged loss); the message says why in one line."""
 
 
