@@ -289,7 +289,7 @@ def main(argv=None) -> int:
                     _write_json(args.json, header, rows)
         return 0
 
-    return cli.run(body, (ConfigError, ValueError))
+    return cli.run(body)
 
 
 if __name__ == "__main__":

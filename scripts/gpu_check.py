@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print((c.out / f"{args.name}.md").read_text(), flush=True)
         return 0
 
-    return cli.run(body, ())
+    return cli.run(body)
 
 
 if __name__ == "__main__":
