@@ -199,39 +199,32 @@ class Checkpoints:
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """Restore (TrainState, loader state) at `step` into the shapes/shardings of `abstract_state`,
         checked against the checksums saved with it."""
-        check_shapes(self.item_shapes(step, "params"), abstract_state.params, self.directory / str(step))
-        sums = self.read_json(step, "meta").get("checksum", {})
-        try:
-            out = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_state.params),
-                    train=ocp.args.StandardRestore(_train_fields(abstract_state)),
-                    data=ocp.args.JsonRestore(),
-                ),
-            )
-        except Exception as e:
-            raise self._unreadable(step, e) from e
-        self._verify(step, sums, params=out["params"], train=out["train"])
+        out = self._restore(step, abstract_state.params, train=_train_fields(abstract_state), data=None)
         return abstract_state.replace(params=out["params"], **out["train"]), out["data"]
 
     def restore_params(self, step: int, abstract_params):
+        """Restore the parameters alone at `step` (generation, evaluation, init_from), checked likewise."""
+        return self._restore(step, abstract_params)["params"]
+
+    def _restore(self, step: int, abstract_params, **more) -> dict:
+        """The one restore path: the parameters' shapes checked against the config first (a clear error
+        instead of orbax's), then `params` and the items of `more` ({name: abstract tree, or None for a
+        JSON item}) read, then every array item checked against its saved checksum."""
         check_shapes(self.item_shapes(step, "params"), abstract_params, self.directory / str(step))
         sums = self.read_json(step, "meta").get("checksum", {})
+        args = {"params": ocp.args.StandardRestore(abstract_params)}
+        args.update({k: ocp.args.JsonRestore() if v is None else ocp.args.StandardRestore(v) for k, v in more.items()})
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+            out = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
             raise self._unreadable(step, e) from e
-        self._verify(step, sums, params=out["params"])
-        return out["params"]
-
-    def _verify(self, step: int, sums: dict, **items) -> None:
-        for name, tree in items.items():
-            if name in sums and checksum(tree) != sums[name]:
+        for name in ["params", *(k for k, v in more.items() if v is not None)]:
+            if name in sums and checksum(out[name]) != sums[name]:
                 raise CheckpointError(
                     f"checkpoint {step}: {name} do not match their checksum (corrupt: changed "
                     f"on disk after saving); {self._fallback(step)}"
                 )
+        return out
 
     def _unreadable(self, step: int, e: Exception) -> CheckpointError:
         cause = _cause(e)
@@ -256,10 +249,6 @@ class Checkpoints:
             raise CheckpointError(f"checkpoint {step}: has no '{item}' item ({self.directory / str(step)})")
         tree = getattr(meta, "tree", meta)
         return {k: tuple(m.shape) for k, m in named_leaves(tree).items() if hasattr(m, "shape")}
-
-    def wait(self) -> None:
-        """Block until every pending async save is on disk (raising CheckpointError if it failed)."""
-        self.poll(wait=True)
 
     def close(self) -> None:
         try:

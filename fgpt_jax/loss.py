@@ -15,16 +15,19 @@ tuning) as (loss sum, count, metric sums), the form the train step and validatio
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from fgpt_jax.data import Batch
 from fgpt_jax.model import tied_head
+from fgpt_jax.tokenizer import get_tokenizer
 
 
 def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -121,13 +124,57 @@ def _fused_bwd(residuals, g):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+def per_token_losses(model, tokens_BT: jax.Array) -> jax.Array:
+    """[B, T-1] float32: the next-token loss at every position of `tokens_BT`. A model whose config
+    sets `loss_chunk` computes the logits `loss_chunk` positions at a time (never [B, T, V] at once)."""
+    chunk = getattr(getattr(model, "config", None), "loss_chunk", 0)
+    if not chunk:
+        return token_losses(model(tokens_BT[:, :-1]), tokens_BT[:, 1:])
+    h_BTD, targets_BT = model.hidden_states(tokens_BT[:, :-1]), tokens_BT[:, 1:]
+    B, T, D = h_BTD.shape
+    C = max(1, min(chunk, T))
+    n, pad = -(-T // C), -(-T // C) * C - T
+    h_nBCD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, D).swapaxes(0, 1)
+    t_nBC = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, n, C).swapaxes(0, 1)
+    w_VD = model.head_weight()
+    losses_nBC = jax.lax.map(lambda xs: token_losses(tied_head(xs[0], w_VD), xs[1]), (h_nBCD, t_nBC))
+    return losses_nBC.swapaxes(0, 1).reshape(B, n * C)[:, :T]
+
+
+class EvalSums(NamedTuple):
+    """What one validation batch adds up (summed over batches, then divided once at the end)."""
+
+    loss: jax.Array  # float32: summed masked next-token loss (nats)
+    tokens: jax.Array  # float32: masked target tokens
+    nats: jax.Array  # float32: summed loss of the masked targets that are text (not special tokens)
+    bytes: jax.Array  # int32: UTF-8 bytes of those targets
+
+
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-    """`eval_step(params, batch) -> (loss_sum, count)`, jitted once per batch shape."""
+    """`eval_step(params, batch) -> EvalSums`, jitted once per batch shape. Bits per byte = nats / ln 2
+    / bytes, over the targets that are text (each id's UTF-8 length from the tokenizer; special ids
+    count 0 bytes and are left out, as nanochat's evaluate_bpb), so runs with different vocabularies
+    compare."""
 
     def eval_step(params, batch: Batch):
-        return lm_loss_sums(nnx.merge(graphdef, params), batch)
+        model = nnx.merge(graphdef, params)
+        losses_BT = per_token_losses(model, batch.tokens)
+        mask_BT = batch.mask.astype(jnp.float32)
+        table_V = jnp.asarray(_token_bytes(model.config.vocab_size))  # a constant of the program
+        bytes_BT = table_V[batch.tokens[:, 1:]] * batch.mask.astype(jnp.int32)
+        return EvalSums(
+            jnp.sum(losses_BT * mask_BT),
+            jnp.sum(mask_BT),
+            jnp.sum(jnp.where(bytes_BT > 0, losses_BT, 0.0)),
+            jnp.sum(bytes_BT),
+        )
 
     return jax.jit(eval_step)
+
+
+@functools.cache
+def _token_bytes(vocab_size: int) -> np.ndarray:
+    return get_tokenizer().token_bytes(vocab_size)
 
 
 # -- objectives: what the train step and validation sum up ------------------------------------------
@@ -264,6 +311,8 @@ __all__ = [
     "token_losses",
     "lm_loss_sums",
     "fused_loss_sum",
+    "per_token_losses",
+    "EvalSums",
     "make_eval_step",
     "Objective",
     "LM_OBJECTIVE",

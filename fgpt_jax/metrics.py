@@ -1,4 +1,4 @@
-"""What a run reports: metrics.jsonl, TensorBoard event files, console lines, and MFU.
+"""What a run reports: metrics.jsonl, TensorBoard event files, console lines (`Console`), and MFU.
 
 Tags are the same everywhere: `train/loss`, `lr` (and `lr_muon`), `grad_norm`, `tokens_per_sec`,
 `mfu`, `val/loss`, `hellaswag/*`; text samples go to TensorBoard as text and to metrics.jsonl.
@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import jax
+from tqdm import tqdm
 
 # Dense bf16 tensor-core peaks (TFLOP/s per device) from the vendors' datasheets, matched against
 # jax's device_kind. MFU = achieved model FLOP/s / (peak * devices).
@@ -180,3 +182,30 @@ def format_line(step: int, total: int, values: dict, eta_s: float | None = None)
         h, rem = divmod(int(eta_s), 3600)
         parts.append(f"eta {h}:{rem // 60:02d}:{rem % 60:02d}")
     return " | ".join(parts)
+
+
+class Console:
+    """Lines for the user: printed (above the progress bar on a terminal) and appended to train.log.
+    Lines logged before the run directory may be written (while the start-up checks run) are held
+    back and written by `start()`; only process 0 prints."""
+
+    def __init__(self, run, enabled: bool):
+        self.run, self.enabled, self.open, self._held = run, enabled, False, []
+        self.tty = enabled and sys.stdout.isatty()
+
+    def __call__(self, text: str, file_only: bool = False) -> None:
+        if not self.enabled:
+            return
+        if not file_only:
+            tqdm.write(text)
+        if self.open:
+            self.run.append_log(text)
+        else:
+            self._held.append(text)
+
+    def start(self) -> None:
+        """The checks passed: the run directory is ours to write."""
+        self.open = True
+        for text in self._held:
+            self.run.append_log(text)
+        self._held = []

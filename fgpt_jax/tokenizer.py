@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
@@ -91,6 +92,15 @@ class Tokenizer:
         """Ids to text. Special tokens decode to their names; padded-vocab ids (>= n_vocab),
         which only an untrained model samples, decode to nothing."""
         return self._enc.decode([int(i) for i in ids if 0 <= int(i) < self.n_vocab])
+
+    def token_bytes(self, vocab_size: int) -> np.ndarray:
+        """int32 [vocab_size]: the UTF-8 length in bytes of every ordinary token, 0 for the special and
+        padded-vocabulary ids. Bits per byte divide by these, so they count the text a target token
+        stands for and never a special token (as nanochat's `get_token_bytes`)."""
+        out = np.zeros(vocab_size, np.int32)
+        for i in range(min(self.eot_id, vocab_size)):  # ids below <|endoftext|> are the byte-level BPE ranks
+            out[i] = len(self._enc.decode_single_token_bytes(i))
+        return out
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """Raw bytes, for streaming: a UTF-8 character may span several tokens."""

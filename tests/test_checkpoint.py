@@ -53,7 +53,7 @@ def test_keep_last_and_best(tmp_path):
     ck = Checkpoints(tmp_path / "c", keep_last=2)
     for step, val in [(1, 2.0), (2, 3.0), (3, None), (4, 4.0), (5, 5.0)]:
         ck.save(step, state, {}, val_loss=val)
-    ck.wait()
+    ck.poll(wait=True)
     assert ck.steps() == [1, 4, 5]  # the best val loss (step 1) survives the last-2 policy
     ck.close()
 
@@ -80,7 +80,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     state = _state()
     ck = Checkpoints(tmp_path / "checkpoints", keep_last=1)
     ck.save(1, state, {"step": 1})
-    ck.wait()
+    ck.poll(wait=True)
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -89,7 +89,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     later = state.replace(step=jnp.ones((), jnp.int32))
     with pytest.raises(Exception, match="No space left"):
         ck.save(2, later, {"step": 2})
-        ck.wait()
+        ck.poll(wait=True)
     monkeypatch.undo()
     ck2 = Checkpoints(tmp_path / "checkpoints")
     assert ck2.steps() == [1]
@@ -101,7 +101,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_restore_into_other_shape_names_parameters(tmp_path):
     ck = Checkpoints(tmp_path / "checkpoints")
     ck.save(1, _state(), {})
-    ck.wait()
+    ck.poll(wait=True)
     wider = _state(GPTConfig.preset("tiny", n_layer=1, n_embd=64, n_head=2, block_size=16, vocab_size=512))
     with pytest.raises(CheckpointError) as e:
         ck.restore(1, _abstract(wider))

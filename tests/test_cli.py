@@ -166,3 +166,19 @@ def test_plot_bad_out_exits_2_with_one_line(tmp_path):
 def test_help(module):
     r = cli(module, "--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m ") and r.stderr == ""
+
+
+def test_every_command_is_an_installed_script():
+    """`fgpt-<name>` (pyproject's [project.scripts]) runs the same main() as `python -m fgpt_jax.<name>`."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert sorted(scripts) == sorted(
+        f"fgpt-{n}" for n in ("data", "train", "eval", "generate", "chat", "serve", "hf", "plot")
+    )
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert module.removesuffix(".__main__").endswith(name.removeprefix("fgpt-")), name
+        assert callable(getattr(importlib.import_module(module), func)), target

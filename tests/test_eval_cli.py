@@ -126,9 +126,9 @@ TINY = [
 ]
 
 
-def last_val_loss(run: Path) -> float:
+def last_val_loss(run: Path, tag: str = "val/loss") -> float:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["val/loss"] for r in rows if "val/loss" in r][-1]
+    return [r[tag] for r in rows if tag in r][-1]
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,8 @@ def test_val_default_is_the_trainers_val_loss(trained, capsys):
     assert main(["val", "--run", str(base), "--no-progress"]) == 0
     result = last_json(capsys)
     assert result["loss"] == pytest.approx(last_val_loss(base), rel=1e-6)
+    assert result["bpb"] == pytest.approx(last_val_loss(base, "val/bpb"), rel=1e-6)  # and the trainer's val/bpb
+    assert 0 < result["bpb"] < result["loss"] / math.log(2)  # a token is more than one byte of text
     assert result["windows"] == 12 and result["tokens"] == 12 * 64
     assert result["data"] == load_run_config(base).data.path  # the data it trained on
 
@@ -171,6 +173,7 @@ def test_val_default_on_an_sft_run_is_its_masked_val_loss(trained, capsys):
     assert main(["val", "--run", str(sft), "--no-progress"]) == 0
     result = last_json(capsys)
     assert result["loss"] == pytest.approx(last_val_loss(sft), rel=1e-6)
+    assert result["bpb"] == pytest.approx(last_val_loss(sft, "val/bpb"), rel=1e-6)
     assert result["windows"] is None and result["data"].endswith("instruction-examples.json")
     assert 0 < result["tokens"] < 40 * 64  # masked: only the held-out answers' tokens count
     # Any run scores any data: the SFT model on the bundled corpus.

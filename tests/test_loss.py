@@ -138,3 +138,35 @@ def test_chunked_loss_never_holds_the_whole_logits():
 def test_loss_chunk_validation():
     with pytest.raises(ValueError, match="loss_chunk"):
         GPTConfig(loss_chunk=-1)
+
+
+def test_eval_step_sums_and_bits_per_byte_against_numpy(tok):
+    """EvalSums against the definitions, in float64: the masked loss, and nanochat's bits per byte (the
+    loss of the masked targets that are text / ln 2 / their UTF-8 bytes; special tokens count neither)."""
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 50257, (3, 22)).astype(np.int32)
+    tokens[0, 5], tokens[1, 9], tokens[2, 1] = tok.eot_id, tok.user_id, tok.end_id  # special targets
+    mask = (rng.random((3, 21)) > 0.3).astype(np.float32)
+    mask[0, 4] = mask[1, 8] = mask[2, 0] = 1.0  # ... that are masked in, so they must be left out of bpb
+    graphdef, params = nnx.split(GPT(CFG, rngs=nnx.Rngs(0)), nnx.Param)
+    for cfg_def in (graphdef, nnx.graphdef(GPT(dataclasses.replace(CFG, loss_chunk=5), rngs=nnx.Rngs(0)))):
+        sums = jax.device_get(make_eval_step(cfg_def)(params, Batch(jnp.asarray(tokens), jnp.asarray(mask))))
+        logits = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tokens[:, :-1])), np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        loss = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+        nbytes = np.array([[len(tok.decode_bytes([t])) if t < tok.eot_id else 0 for t in row] for row in tokens[:, 1:]])
+        text = (nbytes > 0) & (mask > 0)
+        assert float(sums.tokens) == mask.sum()
+        np.testing.assert_allclose(float(sums.loss), (loss * mask).sum(), rtol=1e-5)
+        np.testing.assert_allclose(float(sums.nats), loss[text].sum(), rtol=1e-5)
+        assert int(sums.bytes) == (nbytes * mask).sum() > 0
+        assert float(sums.nats) < float(sums.loss)  # the special targets were left out
+
+
+def test_token_bytes_table(tok):
+    table = tok.token_bytes(50304)
+    assert table.shape == (50304,) and table.dtype == np.int32
+    assert table[tok.encode("Hello")[0]] == 5 and table[tok.encode(" world")[0]] == 6
+    assert (table[tok.eot_id :] == 0).all()  # <|endoftext|>, the chat tokens and the padded vocabulary
+    assert (table[: tok.eot_id] >= 1).all()

@@ -4,6 +4,7 @@ import shutil
 import pytest
 
 from fgpt_jax import tokenizer as tokmod
+from fgpt_jax.errors import UserError
 from fgpt_jax.tokenizer import Message, Tokenizer
 
 SPECIAL = {"<|endoftext|>": 50256, "<|user|>": 50257, "<|assistant|>": 50258, "<|system|>": 50259, "<|end|>": 50260}
@@ -132,7 +133,7 @@ def test_tampered_ranks_file_fails(tmp_path):
     shutil.copy(tokmod.RANKS_FILE, bad)
     with open(bad, "ab") as f:
         f.write(b"AAAA 50256\n")
-    with pytest.raises(ValueError, match=str(bad)):
+    with pytest.raises(UserError, match=str(bad)):  # a CLI prints it as one line
         Tokenizer(str(bad))
     with pytest.raises(FileNotFoundError, match="missing"):
         Tokenizer(str(tmp_path / "nope"))

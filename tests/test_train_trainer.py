@@ -2,6 +2,7 @@
 exact resume after SIGTERM, NaN handling, and the CLI."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from fgpt_jax.checkpoint import load_model
 from fgpt_jax.config import apply_overrides, load_config, load_run_config
+from fgpt_jax.tokenizer import get_tokenizer
 from fgpt_jax.train import TrainingError, train
 
 SMALL = [
@@ -106,6 +108,11 @@ def test_loaded_model_reproduces_val_loss(straight_run):
     total = sum(float(token_losses(model(b[:, :-1]), b[:, 1:]).sum()) for b in batches)
     n = sum(b[:, 1:].size for b in batches)
     assert total / n == pytest.approx(last["val/loss"], rel=1e-5)
+    # val/bpb: the text targets' nats / ln 2 / their UTF-8 bytes (<|endoftext|> targets left out).
+    table = get_tokenizer().token_bytes(cfg.model.vocab_size)
+    nats = sum(float((token_losses(model(b[:, :-1]), b[:, 1:]) * (table[b[:, 1:]] > 0)).sum()) for b in batches)
+    nbytes = sum(int(table[b[:, 1:]].sum()) for b in batches)
+    assert nats / math.log(2) / nbytes == pytest.approx(last["val/bpb"], rel=1e-5)
 
 
 def test_sigterm_then_resume_is_exact(straight_run, tmp_path):
@@ -265,8 +272,8 @@ def test_print_config_resolves_and_writes_nothing(tmp_path):
 
 
 def test_console_keeps_per_step_lines_in_the_log_on_a_terminal(tmp_path):
+    from fgpt_jax.metrics import Console
     from fgpt_jax.rundir import RunDir
-    from fgpt_jax.train.trainer import Console
 
     console = Console(RunDir(tmp_path), enabled=True)
     console.tty = True  # a terminal: the bar shows progress, step lines go to train.log only

@@ -17,6 +17,7 @@ from fgpt_jax.data.shards import open_shards
 from fgpt_jax.model import named_leaves
 from fgpt_jax.rundir import RunDir
 from fgpt_jax.train import TrainingError, train
+from fgpt_jax.train.start import prepare
 from fgpt_jax.train.trainer import StopSignal, Trainer
 
 SMALL = [
@@ -50,9 +51,10 @@ def warm_cfg(base, *extra):
 
 def test_warm_restart_carries_state_and_continues_the_data(base_run, tmp_path):
     cfg = warm_cfg(base_run)
-    trainer = Trainer(cfg, RunDir(tmp_path), resume=False, on_step=None)
+    prepared = prepare(cfg, RunDir(tmp_path))
+    trainer = Trainer(prepared)
     base = Checkpoints(RunDir(base_run).checkpoints, read_only=True)
-    base_state, base_data = base.restore(8, trainer.setup.abstract_state)
+    base_state, base_data = base.restore(8, prepared.setup.abstract_state)
     base.close()
     # Parameters and optimizer moments are the base run's; the step counter and schedules restart.
     for name, x in named_leaves(trainer.state.params).items():
@@ -65,20 +67,20 @@ def test_warm_restart_carries_state_and_continues_the_data(base_run, tmp_path):
     shards = open_shards(resolve("tinyshakespeare"), "train")
     straight = WindowLoader(shards, 16, 4, seed=0)
     for k in range(4):
-        np.testing.assert_array_equal(trainer.loader.batch(k).tokens, straight.batch(8 + k).tokens)
+        np.testing.assert_array_equal(prepared.data.loader.batch(k).tokens, straight.batch(8 + k).tokens)
     trainer.run(StopSignal())  # and it trains
     assert "warm restart from" in (tmp_path / "train.log").read_text()
 
 
 def test_warm_restart_with_another_batch_size_skips_nothing(base_run, tmp_path):
     cfg = warm_cfg(base_run, "train.batch_size=2")
-    trainer = Trainer(cfg, RunDir(tmp_path), resume=False, on_step=None)
+    prepared = prepare(cfg, RunDir(tmp_path))
     shards = open_shards(resolve("tinyshakespeare"), "train")
     straight = WindowLoader(shards, 16, 4, seed=0)
-    got = np.concatenate([trainer.loader.batch(k).tokens for k in range(4)])
+    got = np.concatenate([prepared.data.loader.batch(k).tokens for k in range(4)])
     np.testing.assert_array_equal(got, np.concatenate([straight.batch(8).tokens, straight.batch(9).tokens]))
-    trainer.checkpoints.close()
-    trainer.writer.close()
+    prepared.checkpoints.close()
+    prepared.writer.close()
 
 
 def test_warm_restart_from_the_cli(base_run, tmp_path):

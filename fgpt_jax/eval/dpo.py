@@ -18,6 +18,7 @@ their hash, so resuming onto different reference numbers is refused rather than 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -33,12 +34,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fgpt_jax import sharding as shd
-from fgpt_jax.checkpoint import load_model
 from fgpt_jax.config import DPOConfig
 from fgpt_jax.data import PreferenceBatch
 from fgpt_jax.data.loader import Rows
-from fgpt_jax.data.preferences import val_pairs
+from fgpt_jax.data.preferences import build_preference_data, load_pairs, val_pairs
 from fgpt_jax.data.sources import DataError
+from fgpt_jax.errors import UserError
+from fgpt_jax.eval import Loaded, load
 from fgpt_jax.loss import DPO_METRICS, make_dpo_eval_step
 from fgpt_jax.rundir import RunDir
 from fgpt_jax.tokenizer import get_tokenizer
@@ -104,15 +106,6 @@ def preference_metrics(
     return {"pairs": int(n), **{k: float(sums[k]) / max(n, 1.0) for k in DPO_METRICS}}
 
 
-def load_params(run: str | os.PathLike, step: int | None, mesh: Mesh):
-    """(graphdef, params replicated on `mesh`, config, step) of a run's checkpoint (default: latest)."""
-    steps = RunDir(run).checkpoint_steps()
-    step = steps[-1] if step is None and steps else step
-    model, cfg = load_model(run, step)
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, jax.device_put(params, NamedSharding(mesh, P())), cfg, step
-
-
 class Reference:
     """The reference log-probabilities of a DPO run's rows: `reference(rows) -> [N] float32`.
 
@@ -148,9 +141,9 @@ class Reference:
             self.notes.append(f"reference: log-probs of {rows.num_rows} rows read from {self.path}")
             return logps
         if self._model is None:
-            graphdef, params, _, step = load_params(self.init_from, None, self.mesh)
-            self._model = dpo_eval_step(graphdef, self.dpo, self.mesh), params
-            self.meta = {"init_from": str(self.init_from), "step": step}
+            ref = load(self.init_from, None, self.mesh)
+            self._model = dpo_eval_step(ref.graphdef, self.dpo, self.mesh), ref.params
+            self.meta = {"init_from": str(self.init_from), "step": ref.step}
         t0 = time.perf_counter()
         logps = row_logps(*self._model, rows, self.batch_pairs, self.mesh)
         self.arrays[key], self._scored = logps, True
@@ -194,3 +187,75 @@ def read_reference(path: Path) -> tuple[dict[str, np.ndarray], dict]:
             f"score the reference again"
         ) from None
     return arrays, meta
+
+
+def preference_batches(
+    cfg,
+    ref: str | os.PathLike,
+    ref_step: int | None,
+    mesh: Mesh,
+    data: str | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    progress: Callable | None = None,
+    run: object = "RUN",
+) -> tuple[list[PreferenceBatch], dict]:
+    """(this process's preference batches with the reference's log-probs, what they are) for the DPO
+    metrics of the run `cfg` against the reference run `ref` (loaded, used and freed here).
+
+    Default: the run's own validation pairs, batched as the trainer batches them (its val/ metrics);
+    `data`: every pair of a preference file (its first `limit` records) that fits both models'
+    context, whole (no prompt/reply limits, no truncation), so any tool can recompute the numbers.
+    `run` names the run in error messages."""
+    from fgpt_jax.data.pipeline import open_data
+
+    ref_cfg = RunDir(ref).read_config()  # a bad reference fails before any model loads
+    if data is None and cfg.data.format != "preference":
+        raise UserError(f"--run {run}: trained on {cfg.data.format} data, not preference pairs; pass --data FILE")
+    pairs = batch_size or cfg.train.batch_size // cfg.train.grad_accum  # the trainer's micro-batch
+    pairs = -(-pairs // mesh.size) * mesh.size
+    reference: dict = {}
+
+    def ref_logps(rows):  # the reference model loads once the data has been read and checked
+        if not reference:
+            loaded = load(ref, ref_step, mesh)
+            reference.update(
+                step=loaded.step, eval_step=dpo_eval_step(loaded.graphdef, cfg.dpo, mesh), params=loaded.params
+            )
+        return row_logps(reference["eval_step"], reference["params"], rows, pairs, mesh, progress)
+
+    if data is None:
+        seq_len = cfg.train.seq_len or cfg.model.block_size
+        data_cfg = dataclasses.replace(cfg.data, limit=limit or cfg.data.limit)
+        opened = open_data(
+            data_cfg, seq_len, pairs, pairs, jax.process_index(), jax.process_count(), train=False, reference=ref_logps
+        )
+        if not opened.val:
+            raise UserError(f"--run {run}: no preference pair in its validation split ({data_cfg.path})")
+        batches, stats, path = opened.val, opened.stats, data_cfg.path
+    else:
+        seq_len = min(cfg.model.block_size, ref_cfg.model.block_size)
+        built = build_preference_data(load_pairs(data, limit), seq_len, val_fraction=0.0)
+        stats, path = built.stats, data
+        if not built.train.num_rows:
+            raise UserError(
+                f"--data {data}: no pair fits the {seq_len}-token context ({stats['dropped_too_long']} too long, "
+                f"{stats['dropped_empty']} empty, {stats['dropped_identical']} identical)"
+            )
+        batches = val_pairs(
+            built.train, ref_logps(built.train), pairs, get_tokenizer().eot_id, jax.process_index(), jax.process_count()
+        )
+    counts = {k: v for k, v in stats.items() if k == "loaded" or k.startswith(("dropped_", "truncated_"))}
+    reference.pop("params")  # the reference's device buffers go before the caller loads the policy
+    return batches, {"ref": str(ref), "ref_step": reference["step"], "data": path, "seq_len": seq_len, **counts}
+
+
+def evaluate_dpo(model: Loaded, batches: Sequence[PreferenceBatch], progress: Callable | None = None) -> dict:
+    """The DPO metrics of a loaded policy (`fgpt_jax.eval.Loaded`, its run's dpo.* settings) over
+    `batches` (from `preference_batches`): {"pairs", "dpo/loss", "rewards/*", "logps/*", "beta",
+    "loss_type", "label_smoothing"}."""
+    dpo = model.cfg.dpo
+    metrics = preference_metrics(
+        dpo_eval_step(model.graphdef, dpo, model.mesh), model.params, batches, model.mesh, progress
+    )
+    return {**metrics, "beta": dpo.beta, "loss_type": dpo.loss, "label_smoothing": dpo.label_smoothing}

@@ -23,6 +23,7 @@ Shapes: N items, E=4 endings.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from fgpt_jax.data.hellaswag import N_ENDINGS, Example, load_examples
 from fgpt_jax.eval.scoring import SpanScorer, crop_left, default_buckets
 from fgpt_jax.tokenizer import get_tokenizer
 
-__all__ = ["HellaSwagScorer", "default_buckets", "hellaswag_metrics"]
+__all__ = ["HellaSwagScorer", "default_buckets", "evaluate_hellaswag", "hellaswag_metrics"]
 
 
 def hellaswag_metrics(logprob_NE: np.ndarray, ntok_NE: np.ndarray, nbytes_NE: np.ndarray, labels_N: np.ndarray) -> dict:
@@ -125,3 +126,13 @@ class HellaSwagScorer:
         """{n, acc, acc_norm, acc_token_avg} of the model (graphdef, params)."""
         lp_NE, ntok_NE = self.score_endings(graphdef, params)
         return hellaswag_metrics(lp_NE, ntok_NE, self.nbytes_NE, self.labels_N)
+
+
+def evaluate_hellaswag(model, examples: Sequence[Example], batch_size: int = 32, progress: bool = False) -> dict:
+    """{n, acc, acc_norm, acc_token_avg, seconds} of a loaded model (`fgpt_jax.eval.Loaded`) on
+    `examples` (fgpt_jax.data.hellaswag.load_examples); `seconds` is the scoring time, compilation
+    included."""
+    scorer = HellaSwagScorer(examples, model.block_size, batch_size=batch_size, mesh=model.mesh, progress=progress)
+    t0 = time.perf_counter()
+    result = scorer(model.graphdef, model.params)
+    return {**result, "seconds": round(time.perf_counter() - t0, 3)}

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fgpt_jax.inference.generator import bucket
 from fgpt_jax.inference.row_sampling import sample_rows
 from fgpt_jax.model import GPT, init_cache
 from fgpt_jax.tokenizer import get_tokenizer
@@ -94,13 +95,6 @@ class Request:
         """Stop decoding this request and free its slot (safe from any thread, idempotent)."""
         if self._engine is not None and not self.finished.is_set():
             self._engine._commands.put(("cancel", self, reason))
-
-
-def _bucket(n: int, limit: int, smallest: int = 1) -> int:
-    b = smallest
-    while b < n:
-        b *= 2
-    return min(b, limit)
 
 
 def _init_state(config, batch: int, cache_len: int) -> dict:
@@ -296,9 +290,9 @@ class Engine:
         block = self.config.block_size
         state = _init_state(self.config, self.max_batch, self.cache_len)
         state = _shift(state, jnp.int32(block))  # room for the longest prompt bucket
-        for P in sorted({_bucket(n, block, smallest=16) for n in range(1, block)}):
+        for P in sorted({bucket(n, block, smallest=16) for n in range(1, block)}):
             state, _ = self._admit_call(state, [0] * P, 0, SamplingParams(max_tokens=1))
-        for b in sorted({_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)}):
+        for b in sorted({bucket(n, self.max_batch, smallest=1) for n in range(1, self.max_batch + 1)}):
             state, emit = _step(self.graphdef, self.params, state, self._stop_arr, rows=b)
         state = _release(state, jnp.int32(0), jnp.int32(0))
         jax.block_until_ready((state, emit))
@@ -318,7 +312,7 @@ class Engine:
 
     # ---- engine thread ----
     def _admit_call(self, state, prompt, row, params: SamplingParams):
-        P = _bucket(len(prompt), self.config.block_size, smallest=16)
+        P = bucket(len(prompt), self.config.block_size, smallest=16)
         rows = np.zeros((1, P), np.int32)
         rows[0, P - len(prompt) :] = prompt
         return _admit(
@@ -382,7 +376,7 @@ class Engine:
                 self._finish(req, reason)
 
     def _admit(self, req: Request) -> None:
-        P = _bucket(len(req.prompt), self.config.block_size, smallest=16)
+        P = bucket(len(req.prompt), self.config.block_size, smallest=16)
         if self._index < P:  # the prompt must end at the shared index: make room on the left
             self._state = _shift(self._state, jnp.int32(P - self._index))
             self._starts = [s + P - self._index for s in self._starts]
@@ -403,7 +397,7 @@ class Engine:
             self._state = _shift(self._state, jnp.int32(-d))
             self._starts = [s - d for s in self._starts]
             self._index -= d
-        b = _bucket(self._n, self.max_batch)
+        b = bucket(self._n, self.max_batch, smallest=1)
         self._state, emit = _step(self.graphdef, self.params, self._state, self._stop_arr, rows=b)
         self._index += 1
         self._pending.append(("step", tuple(self._rows[:b]), emit))

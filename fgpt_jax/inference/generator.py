@@ -42,8 +42,9 @@ from fgpt_jax.model import GPT, init_cache
 from fgpt_jax.tokenizer import get_tokenizer
 
 
-def _bucket(n: int, limit: int, smallest: int = 16) -> int:
-    """Smallest power of two >= n (at least `smallest`), capped at `limit`."""
+def bucket(n: int, limit: int, smallest: int = 16) -> int:
+    """Smallest power of two >= n (at least `smallest`), capped at `limit`: the shapes the generator
+    and the engine compile for (a few per length, never one per prompt)."""
     b = smallest
     while b < n:
         b *= 2
@@ -158,11 +159,11 @@ class Generator:
             raise ValueError("prompt: must hold at least one token")
         longest = max(map(len, prompts))
         if longest + max_new_tokens <= limit:
-            P = _bucket(longest, limit - max_new_tokens)
-            cache_len = _bucket(P + max_new_tokens, limit)
+            P = bucket(longest, limit - max_new_tokens)
+            cache_len = bucket(P + max_new_tokens, limit)
         else:
             prompts = [p[-limit:] for p in prompts]
-            P, cache_len = _bucket(min(longest, limit), limit), limit
+            P, cache_len = bucket(min(longest, limit), limit), limit
         rows = np.zeros((len(prompts), P), np.int32)
         start = np.zeros((len(prompts),), np.int32)
         for b, p in enumerate(prompts):

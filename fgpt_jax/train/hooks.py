@@ -9,8 +9,9 @@ diverged state). The order is
 validation first, so the checkpoint can record the val loss for the best-checkpoint policy; then
 the checkpoint, so the slower and more fragile work (a 10k-item benchmark, generation) never stands
 between a step and its checkpoint. If any hook fails, the trainer still runs a due checkpoint
-before it stops. Adding periodic work is adding a hook: subclass `Hook`, give it a cadence, and
-append it to the list in `fgpt_jax.train.trainer`.
+before it stops. Adding periodic work is adding a hook: subclass `Hook`, give it a cadence, and pass
+it to `train(cfg, run_dir, hooks=[MyHook(every=500)])` (it runs after the built-in hooks), or add it
+to the built-in list in `fgpt_jax.train.start`.
 
 A hook returns the metrics it produced ({tag: value}, logged to metrics.jsonl and TensorBoard) and
 optionally a line for the console and train.log.
@@ -28,7 +29,7 @@ from fgpt_jax.checkpoint import Checkpoints
 from fgpt_jax.data import Batch
 from fgpt_jax.data.loader import BatchLoader
 from fgpt_jax.eval.dpo import preference_metrics
-from fgpt_jax.eval.perplexity import mean_loss
+from fgpt_jax.eval.perplexity import evaluate_loss
 from fgpt_jax.inference.generator import Generator
 from fgpt_jax.loss import DPO_METRICS
 from fgpt_jax.tokenizer import get_tokenizer
@@ -77,7 +78,8 @@ class Hook:
 
 
 class ValLoss(Hook):
-    """Mean masked loss over the fixed validation batches (also run before the first step)."""
+    """Mean masked loss and bits per byte over the fixed validation batches (also run before the
+    first step): val/loss, val/bpb."""
 
     name = "val/loss"
 
@@ -87,8 +89,10 @@ class ValLoss(Hook):
         self.sharding = shd.batch_sharding(mesh, 2)
 
     def __call__(self, step, state, results) -> Result:
-        loss, _ = mean_loss(self.eval_step, state.params, self.batches, self.sharding)
-        return Result({"val/loss": loss}, f"step {step}: val/loss {loss:.4f}")
+        m = evaluate_loss(self.eval_step, state.params, self.batches, self.sharding)
+        return Result(
+            {"val/loss": m["loss"], "val/bpb": m["bpb"]}, f"step {step}: val/loss {m['loss']:.4f} bpb {m['bpb']:.4f}"
+        )
 
 
 class PreferenceVal(Hook):

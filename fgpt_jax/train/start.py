@@ -1,23 +1,262 @@
-"""How a run starts: from scratch, from another run's weights (`init_from`), resumed from its own
-checkpoint (`--resume [--step N]`), or warm-restarted from another run's weights, optimizer moments
-and data position (`init_mode="warm"`). The checks here run before anything is written."""
+"""How a run starts: `prepare(cfg, run, resume, resume_step) -> Prepared`, everything the loop
+(`fgpt_jax.train.trainer.Trainer`) needs, built in this order:
+
+    1. checks       the config against the devices, the run directory, init_from (nothing is read but
+                    configs and checkpoint lists; a refused run costs nothing)
+    2. start point  fresh, from another run's weights (`init_from`), resumed from its own checkpoint
+    and data        (`--resume [--step N]`), or warm-restarted from another run's weights, optimizer
+                    moments and data position (`init_mode="warm"`); then the data opened from there
+                    (for DPO the reference model scores every row first, and is freed)
+    3. state and    the jitted setup, the state restored or initialised, the evaluation hooks built
+       hooks        (HellaSwag tokenises and packs its items once)
+    ---------------  every check has passed: only now is the run directory written
+    4. the run      checkpoints set aside when resuming from an earlier step, the checkpoint writer,
+       directory    config.json, train.log, metrics.jsonl and TensorBoard, the reference file
+
+so a run refused at any of 1-3 (a bad config, a missing shard, a broken checkpoint) leaves the run
+directory exactly as it was.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
 
-from fgpt_jax.checkpoint import Checkpoints
+from fgpt_jax import sharding as shd
+from fgpt_jax.checkpoint import Checkpoints, load_model
 from fgpt_jax.config import Config
+from fgpt_jax.data.pipeline import Data, open_data
 from fgpt_jax.errors import UserError
+from fgpt_jax.eval.dpo import Reference, dpo_eval_step
+from fgpt_jax.loss import make_eval_step
+from fgpt_jax.metrics import Console, MetricsWriter, Throughput, peak_flops
 from fgpt_jax.optim import restart_schedule
 from fgpt_jax.rundir import RunDir
+from fgpt_jax.tokenizer import N_VOCAB
+from fgpt_jax.train import hooks as H
+from fgpt_jax.train.step import Setup, TrainState, build_setup
 
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
 
 
 class TrainingError(UserError, RuntimeError):
     """The run cannot go on (bad setup or a diverged loss); the message says why in one line."""
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run ready for its first step: what `prepare` built, what `Trainer` runs."""
+
+    cfg: Config
+    run: RunDir
+    console: Console
+    mesh: Mesh
+    setup: Setup  # the model graph, optimizer and jitted step
+    state: TrainState  # restored, warm-started or initialised, on the mesh
+    start: int  # the last step already taken (0: a fresh run)
+    data: Data  # the training loader and the validation batches
+    hooks: list  # the periodic work, in the order it runs (see hooks.py)
+    val: H.Hook | None  # the validation hook, also run before a fresh run's first step
+    checkpoints: Checkpoints  # the writer (the run's checkpoints/)
+    writer: MetricsWriter
+    throughput: Throughput
+
+
+@dataclasses.dataclass
+class _Origin:
+    """Where the run's state and data come from (step 2)."""
+
+    resume_step: int | None  # the run's own checkpoint to continue from
+    warm_step: int | None = None  # init_from's checkpoint a warm restart continues
+    warm_data: dict | None = None  # ... and its loader state
+    first_row: int = 0  # the first global row the loader reads
+
+
+def prepare(
+    cfg: Config, run: RunDir, resume: bool = False, resume_step: int | None = None, hooks: Sequence = ()
+) -> Prepared:
+    """Steps 1-4 of the module docstring. `cfg` is resolved (fgpt_jax.config.resolve_config);
+    `hooks` are extra `fgpt_jax.train.hooks.Hook`s, run after the built-in ones."""
+    console = Console(run, jax.process_index() == 0)
+    mesh = shd.make_mesh()
+    # 1. checks
+    origin = _Origin(check(cfg, run, resume, resume_step, mesh))
+    # 2. start point and data
+    if cfg.init_from and cfg.init_mode == "warm" and not resume:  # the data continues where init_from's stopped
+        origin.warm_step, origin.warm_data = warm_source(cfg)
+        origin.first_row = rows_read(origin.warm_data)
+    data, reference = _open_data(cfg, run, mesh, origin, console)
+    # 3. state and hooks
+    setup = build_setup(cfg, mesh)
+    state = _initial_state(cfg, run, setup, origin, data)
+    val, evals = _eval_hooks(cfg, setup, data, mesh)
+    # ---- Every check has passed: from here on the run directory is written. ----
+    return _open_run(cfg, run, console, mesh, setup, state, origin, data, reference, val, evals + list(hooks))
+
+
+def micro_batch(cfg: Config) -> int:
+    """Sequences (DPO: pairs) per micro-batch, over all devices: the validation batch too."""
+    return cfg.train.batch_size // cfg.train.grad_accum
+
+
+def seq_len_of(cfg: Config) -> int:
+    return cfg.train.seq_len or cfg.model.block_size
+
+
+def check(cfg: Config, run: RunDir, resume: bool, resume_step: int | None, mesh: Mesh) -> int | None:
+    """Step 1: every check that needs no data, state or model. Returns the step to resume from."""
+    if seq_len_of(cfg) > cfg.model.block_size:
+        raise TrainingError(f"train.seq_len={seq_len_of(cfg)} exceeds model.block_size={cfg.model.block_size}")
+    if cfg.model.vocab_size < N_VOCAB:
+        raise TrainingError(f"model.vocab_size={cfg.model.vocab_size}: must be >= {N_VOCAB}, the tokenizer's ids")
+    if micro_batch(cfg) % mesh.size:
+        raise TrainingError(
+            f"train.batch_size / train.grad_accum = {micro_batch(cfg)} sequences per micro-batch must be "
+            f"divisible by the {mesh.size} devices"
+        )
+    if cfg.data.format == "preference" and (not cfg.init_from or cfg.init_mode != "params"):
+        raise TrainingError(
+            "data.format=preference (DPO): set init_from=RUN_DIR, the run to start from and "
+            "compare with (an SFT run), and init_mode=params"
+        )
+    if cfg.init_from and not resume:
+        check_base(cfg)
+    return check_run(cfg, run, resume, resume_step)
+
+
+def _open_data(cfg: Config, run: RunDir, mesh: Mesh, origin: _Origin, console: Console):
+    """Step 2's data: the loader from the start point, the validation batches, the notes for the log.
+    DPO: the reference scores every row before the policy's state exists, then is freed."""
+    t = cfg.train
+    preference = cfg.data.format == "preference"
+    reference = None
+    if preference:
+        reuse = origin.resume_step is not None
+        reference = Reference(run.path, cfg.init_from, cfg.dpo, mesh, micro_batch(cfg), reuse=reuse)
+    data = open_data(
+        cfg.data,
+        seq_len_of(cfg),
+        t.batch_size,
+        micro_batch(cfg),
+        jax.process_index(),
+        jax.process_count(),
+        first_row=origin.first_row,
+        reference=reference,
+    )
+    if reference is not None:
+        reference.release()
+    if data.stats:
+        console(f"data {cfg.data.path}: " + ", ".join(f"{k} {v}" for k, v in data.stats.items()))
+        unit = "pairs" if preference else "rows"
+        rows = data.stats.get(f"train_{unit}")
+        if rows:
+            epochs = t.steps * t.batch_size / rows
+            console(f"{t.steps} steps x {t.batch_size} {unit} = {epochs:.1f} epochs of the {rows} training {unit}")
+    for note in data.notes + (reference.notes if reference is not None else []):
+        console(note)
+    return data, reference
+
+
+def _initial_state(cfg: Config, run: RunDir, setup: Setup, origin: _Origin, data: Data) -> TrainState:
+    """Step 3's state: the run's checkpoint (and the loader's position), a warm restart, init_from's
+    weights with a fresh optimizer, or a fresh initialisation."""
+    if origin.resume_step is not None:
+        reader = Checkpoints(run.checkpoints, read_only=True)  # the writer is opened once every check passed
+        try:
+            state, loader_state = reader.restore(origin.resume_step, setup.abstract_state)
+        finally:
+            reader.close()
+        data.loader.set_state(loader_state)
+        return state
+    if origin.warm_step is not None:
+        return warm_state(cfg, setup, origin.warm_step, origin.warm_data, data.loader.identity())
+    base = nnx.state(load_model(cfg.init_from)[0], nnx.Param) if cfg.init_from else None
+    if base is not None:  # loaded on one device; init's output spans the mesh (jit refuses the mix)
+        base = jax.device_put(base, setup.state_shardings.params)
+    return setup.init(base)
+
+
+def _eval_hooks(cfg: Config, setup: Setup, data: Data, mesh: Mesh) -> tuple[H.Hook | None, list]:
+    """Step 3's hooks that need no run directory: validation, and the benchmarks' scorers (built now,
+    so a bad benchmark file refuses the run before anything is written)."""
+    t = cfg.train
+    if cfg.data.format == "preference":
+        val = H.PreferenceVal(t.eval_every, dpo_eval_step(setup.graphdef, cfg.dpo, mesh), data.val, mesh)
+    else:
+        val = H.ValLoss(t.eval_every, make_eval_step(setup.graphdef), data.val, mesh)
+    evals = []
+    if t.hellaswag_every:
+        from fgpt_jax.eval.hellaswag import HellaSwagScorer  # tokenises and packs the items once
+
+        scorer = HellaSwagScorer.from_file(
+            t.hellaswag_data or None,
+            block_size=cfg.model.block_size,
+            limit=t.hellaswag_limit or None,
+            batch_size=micro_batch(cfg),
+            mesh=mesh,
+        )
+        evals.append(H.HellaSwag(t.hellaswag_every, scorer, setup.graphdef))
+    chat = cfg.data.format in ("chat", "preference")
+    evals.append(H.TextSample(t.sample_every, setup.graphdef, t.sample_prompt, t.sample_tokens, chat=chat))
+    return (val if data.val else None), evals
+
+
+def _open_run(cfg, run, console, mesh, setup, state, origin, data, reference, val, later_hooks) -> Prepared:
+    """Step 4: the run directory is written (process 0), in an order that loses nothing on a crash."""
+    start = origin.resume_step
+    if start is not None and start != run.checkpoint_steps()[-1]:
+        set_aside_after(run, start, console)
+    checkpoints = Checkpoints(run.checkpoints, keep_last=cfg.train.keep_checkpoints)
+    # Validation first (the checkpoint records its loss for the best-checkpoint policy), then the
+    # checkpoint, then the slower and more fragile work.
+    hooks = [h for h in (val, H.Checkpoint(cfg.train.ckpt_every, checkpoints, data.loader)) if h is not None]
+    hooks += later_hooks
+    if jax.process_index() == 0:
+        run.write_config(cfg)
+        console.start()
+    if reference is not None:
+        reference.save()  # RUN/reference_logps.npz, when it was scored now
+    if start is not None:
+        console(f"resumed from step {start} ({run.checkpoints / str(start)})")
+    elif origin.warm_step is not None:
+        console(
+            f"warm restart from {cfg.init_from} step {origin.warm_step}: its parameters, optimizer moments "
+            f"and data position (row {origin.first_row}); a new schedule from step 0"
+        )
+    elif cfg.init_from:
+        console(f"initialised from {cfg.init_from}")
+    writer = MetricsWriter(run, keep_through=start if start is not None else -1, enabled=jax.process_index() == 0)
+    preference = cfg.data.format == "preference"
+    tokens_per_step = cfg.train.batch_size * (2 if preference else 1) * seq_len_of(cfg)  # a pair is two rows
+    throughput = Throughput(tokens_per_step, cfg.model.flops_per_token(seq_len_of(cfg)), mesh.size, peak_flops())
+    t = cfg.train
+    console(
+        f"{cfg.name}: {cfg.model.num_params() / 1e6:.2f}M parameters, {t.steps} steps of {tokens_per_step:,} "
+        f"tokens ({t.grad_accum} x {micro_batch(cfg)}{' pairs x 2' if preference else ''} x {seq_len_of(cfg)}), "
+        f"{mesh.size} device(s) [{jax.devices()[0].device_kind}], {t.sharding}, optimizer {cfg.optim.name}"
+    )
+    return Prepared(
+        cfg, run, console, mesh, setup, state, start or 0, data, hooks, val, checkpoints, writer, throughput
+    )
+
+
+def set_aside_after(run: RunDir, step: int, console: Console) -> None:
+    """Resuming from an earlier checkpoint (the later ones broken): move the later ones out of
+    checkpoints/ into checkpoints.set-aside/ (nothing is deleted), so new saves can take their numbers."""
+    if jax.process_index() != 0:
+        return
+    aside = run.path / "checkpoints.set-aside"
+    aside.mkdir(exist_ok=True)
+    for later in [s for s in run.checkpoint_steps() if s > step]:
+        target = aside / f"{later}-{int(time.time())}"
+        (run.checkpoints / str(later)).rename(target)
+        console(f"checkpoint {later} moved to {target} (resuming from {step})")
 
 
 def check_base(cfg: Config) -> None:
