@@ -16,6 +16,7 @@ from fgpt_jax.checkpoint import load_model
 from fgpt_jax.config import apply_overrides, load_config, load_run_config
 from fgpt_jax.tokenizer import get_tokenizer
 from fgpt_jax.train import TrainingError, train
+from fgpt_jax.train.hooks import Hook, Result
 
 SMALL = [
     "model.n_layer=2",
@@ -52,12 +53,34 @@ def params_of(run):
     return jax.tree.leaves(nnx.state(model, nnx.Param))
 
 
+class ParamNorm(Hook):
+    """A user's own periodic work, passed to train(hooks=...): the global parameter norm."""
+
+    name = "param_norm"
+
+    def __call__(self, step, state, results):
+        norm = float(
+            jax.numpy.sqrt(sum(jax.numpy.sum(x.astype("float32") ** 2) for x in jax.tree.leaves(state.params)))
+        )
+        return Result({"param_norm": norm}, f"step {step}: param_norm {norm:.3f}")
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    """One uninterrupted 8-step run shared by several tests."""
+    """One uninterrupted 8-step run shared by several tests (with a user hook every 3 steps, which only
+    reads the state)."""
     run = tmp_path_factory.mktemp("straight")
-    last = train(small_config(), run)
+    last = train(small_config(), run, hooks=[ParamNorm(3)])
     return run, last
+
+
+def test_a_user_hook_runs_at_its_cadence_and_is_logged(straight_run):
+    run, last = straight_run
+    rows = [r for r in read_metrics(run) if "param_norm" in r]
+    assert [r["step"] for r in rows] == [3, 6, 8]  # every 3 steps, and at the end
+    final = np.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in params_of(run)))
+    assert rows[-1]["param_norm"] == pytest.approx(final, rel=1e-5) and last["param_norm"] == rows[-1]["param_norm"]
+    assert "step 3: param_norm" in (run / "train.log").read_text()
 
 
 def test_run_directory(straight_run):
