@@ -93,7 +93,7 @@ def test_smoke_reports_the_attention_path(smoke):
 
 @pytest.mark.slow
 def test_smoke_measures_every_section(smoke):
-    data, report = smoke["data"], smoke["data"]["results"]
+    data, results = smoke["data"], smoke["data"]["results"]
     sec = data["sections"]
     rows = sec[plan.HEADLINE[1].title]["rows"]  # (b): AdamW then Muon at the one micro-batch
     assert [(x["optimizer"], x["micro_batch"]) for x in rows] == [("adamw", 2), ("muon", 2)]
@@ -103,12 +103,12 @@ def test_smoke_measures_every_section(smoke):
     peer = sec[plan.HEADLINE[2].title]
     if HAS_TORCH:  # (c): the torch peer's rows at the same shape, and the ratio
         assert [(x["optimizer"], x["micro_batch"]) for x in peer["rows"]] == [("adamw", 2), ("muon", 2)]
-        assert all(x["tokens_per_sec"] > 0 for x in peer["rows"]) and report["peer_adamw"]["ratio"] > 0
+        assert all(x["tokens_per_sec"] > 0 for x in peer["rows"]) and results["peer_adamw"]["ratio"] > 0
         assert "| adamw | 2 |" in smoke["report"].split("## (c)")[1]
     else:
         assert peer == {"skipped": "skipped: torch is not installed here"}
     # (d): the training CLI reused (b)'s step program, the loss fell, the checkpoint came back whole.
-    assert report["run_cache_hit"] is True and report["val_falling"] is True
+    assert results["run_cache_hit"] is True and results["val_falling"] is True
     after = sec[plan.HEADLINE[3].title]["after_run"]
     assert [c["ok"] for c in after["checks"]] == [True] * 4, after["checks"]
     assert after["hellaswag"]["items"] == 8 and 0 <= after["hellaswag"]["acc"] <= 1
