@@ -180,7 +180,7 @@ def table_header() -> str:
 
 
 def _write_json(path: str, header: dict, rows: list[dict]) -> None:
-    """The rows and the markdown table as printed (for scripts/gpu_check.py), atomically."""
+    """The rows and the markdown table as printed (for scripts/gpu/check.py), atomically."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         table = [*table_header().splitlines(), *map(markdown_row, rows)]
