@@ -347,10 +347,10 @@ def after_run(
     import jax
     import numpy as np
 
+    from fgpt_jax import eval as ev
     from fgpt_jax import sharding as shd
     from fgpt_jax.checkpoint import Checkpoints, _train_fields, checksum
     from fgpt_jax.data.hellaswag import load_examples
-    from fgpt_jax.eval.__main__ import run_val
     from fgpt_jax.eval.hellaswag import HellaSwagScorer
     from fgpt_jax.inference.generator import Generator
     from fgpt_jax.metrics import read_metrics
@@ -385,7 +385,12 @@ def after_run(
         }
     )
     logged = [m for m in read_metrics(rd.metrics) if m.get("step") == step and "val/loss" in m]
-    val, val_s = _timed(lambda: run_val(run, step, None, None, None, False)["loss"])
+
+    def restored_val_loss() -> float:  # eval val's default: the trainer's own validation batches
+        model = ev.load(run, step)
+        return ev.evaluate_val(model, ev.validation_batches(model.cfg, model.mesh, run=run)[0])["loss"]
+
+    val, val_s = _timed(restored_val_loss)
     if logged:
         diff = abs(val - logged[-1]["val/loss"])
         checks.append(
@@ -397,7 +402,7 @@ def after_run(
         )
     shutil.rmtree(copy_to, ignore_errors=True)
     copy = Checkpoints(copy_to, async_save=False, keep_best=False)
-    _, save_s = _timed(lambda s=state: (copy.save(step, s, data_state), copy.wait()))  # bound now: `del` below
+    _, save_s = _timed(lambda s=state: (copy.save(step, s, data_state), copy.poll(wait=True)))  # bound now: `del` below
     rows.append({"what": "save: the same state, synchronous, to local disk", "seconds": save_s})
     (again, data_again), again_s = _timed(lambda: copy.restore(step, setup.abstract_state))
     copy.close()
