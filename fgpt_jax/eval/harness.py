@@ -422,7 +422,7 @@ def evaluate_harness(
         )
     finally:
         lm_evaluator.add_env_info = torch_env_info
-    if out is not None and results is not None:
+    if out is not None and results is not None and jax.process_index() == 0:  # one writer per run
         samples = results.pop("samples", None) if log_samples else None
         results["output_files"] = write_outputs(tracker, results, samples, out, tmp)
         if samples is not None:
