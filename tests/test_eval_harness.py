@@ -362,3 +362,14 @@ def test_generation_settings_the_model_cannot_honour(tasks_env, split):
         evaluate_harness(*split, BLOCK, tasks, include_path=HARNESS, limit=1, gen_kwargs={"max_gen_toks": BLOCK})
     with pytest.raises(HarnessError, match=r"generation_kwargs \['num_beams'\]: not supported"):
         evaluate_harness(*split, BLOCK, tasks, include_path=HARNESS, limit=1, gen_kwargs={"num_beams": 4})
+
+
+@pytest.mark.slow
+def test_sampling_when_a_task_asks_for_it_is_seeded(tasks_env, split):
+    tasks = ["qa_wikidata_gen"]
+    runs = [
+        evaluate_harness(*split, BLOCK, tasks, include_path=HARNESS, limit=4, log_samples=True, gen_kwargs=kw)
+        for kw in ({"do_sample": True, "temperature": 1.0}, {"do_sample": True, "temperature": 1.0}, None)
+    ]
+    texts = [[s["resps"][0][0] for s in r["samples"]["qa_wikidata_gen"]] for r in runs]
+    assert texts[0] == texts[1] and texts[0] != texts[2] and all(isinstance(t, str) for t in texts[0])
