@@ -246,8 +246,8 @@ def test_cli_prints_results_and_writes_lm_evals_files(tasks_env, run_dir, ours, 
     argv = ["harness", "--run", str(run_dir), "--tasks", "arc_easy_local,shakespeare_rolling"]
     argv += ["--include-path", str(HARNESS), "--num-fewshot", str(FEWSHOT), "--limit", "4", "--batch-size", "8"]
     argv += ["--output-path", str(out), "--log-samples", "--no-progress"]
-    code, stdout, _ = _main(argv, capsys)
-    assert code == 0
+    code, stdout, stderr = _main(argv, capsys)
+    assert code == 0 and stderr == ""  # no progress bars, no library chatter
     lines = stdout.strip().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])

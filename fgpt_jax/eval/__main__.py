@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -373,6 +375,9 @@ def run_harness(
         raise UserError("--log-samples: needs --output-path DIR (the samples are written there)")
     RunDir(run).read_config()  # a bad run fails first
     from fgpt_jax.eval import harness  # a missing lm_eval fails here, in one line
+
+    if not os.environ.get("FGPT_JAX_DEBUG"):  # lm-eval's warnings, as the other libraries' logs (cli.py)
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
     manager, names = harness.resolve_tasks(tasks, include_path)  # before the model loads
     harness.check_output_path(output_path)

@@ -48,6 +48,8 @@ from fgpt_jax.eval.harness_tasks import (
 )
 
 # isort: on
+import contextlib
+import functools
 import json
 import os
 import re
@@ -60,6 +62,7 @@ import numpy as np
 from flax import nnx
 from lm_eval import evaluator as lm_evaluator
 from lm_eval import utils as lm_utils
+from lm_eval.api import task as lm_task
 from lm_eval.api.model import TemplateLM
 from lm_eval.loggers import EvaluationTracker
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
@@ -345,6 +348,21 @@ def _jax_env_info(storage: dict) -> None:
     )
 
 
+@contextlib.contextmanager
+def _lm_eval_patched(progress: bool):
+    """Two of lm-eval's module globals swapped for one evaluation, and restored: `add_env_info` for
+    `_jax_env_info`, and, without `progress`, the tqdm bar its tasks show while building requests
+    (lm-eval offers no switch for it) for a disabled one."""
+    saved = lm_evaluator.add_env_info, lm_task.tqdm
+    lm_evaluator.add_env_info = _jax_env_info
+    if not progress:
+        lm_task.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        lm_evaluator.add_env_info, lm_task.tqdm = saved
+
+
 def evaluate_harness(
     graphdef: nnx.GraphDef,
     params,
@@ -401,8 +419,7 @@ def evaluate_harness(
         base = out.parent if out.suffix == ".json" else out
         tmp = base / f".harness-tmp-{os.getpid()}"
         tracker = EvaluationTracker(output_path=str(tmp / out.name if out.suffix == ".json" else tmp))
-    torch_env_info, lm_evaluator.add_env_info = lm_evaluator.add_env_info, _jax_env_info
-    try:
+    with _lm_eval_patched(progress):
         results = lm_eval.simple_evaluate(
             model=lm,
             model_args=model_args,
@@ -420,8 +437,6 @@ def evaluate_harness(
             bootstrap_iters=bootstrap_iters,
             torch_random_seed=None,  # nothing here uses torch; seeding it would import it (seconds)
         )
-    finally:
-        lm_evaluator.add_env_info = torch_env_info
     if out is not None and results is not None and jax.process_index() == 0:  # one writer per run
         samples = results.pop("samples", None) if log_samples else None
         results["output_files"] = write_outputs(tracker, results, samples, out, tmp)
