@@ -18,6 +18,7 @@ dataclasses of model.py, optim.py and data/ raise it and cannot import config.py
       CheckpointError  fgpt_jax.checkpoint: checkpoints
       TrainingError    fgpt_jax.train.start: a run that cannot start or go on
       HFError          fgpt_jax.hf.gpt2_config: Hugging Face checkpoints and configs
+      HarnessError     fgpt_jax.eval.harness_tasks: lm-evaluation-harness tasks, include paths, settings
 
 Most of them also derive from ValueError (or RuntimeError), as they did before this base existed, so
 code that catches those keeps working.

@@ -14,6 +14,8 @@ loads, calls one of them and prints. The modules:
   perplexity  validation loss, perplexity and bits per byte (the trainer's val/* too)
   hellaswag   HellaSwag accuracy (acc, acc_norm, acc_token_avg)
   dpo         DPO metrics over preference pairs, and the reference log-probabilities a DPO run keeps
+  harness     lm-evaluation-harness in process: the model as an lm-eval TemplateLM (the optional [eval] extra)
+  harness_tasks  its task names, --include-path and result files, checked before anything runs
 
 The names below are imported on first use (PEP 562), so `import fgpt_jax.eval` (and the CLI's
 `--help`) does not start JAX.
@@ -37,6 +39,7 @@ _LAZY = {
     "HellaSwagScorer": "fgpt_jax.eval.hellaswag",
     "evaluate_dpo": "fgpt_jax.eval.dpo",
     "preference_batches": "fgpt_jax.eval.dpo",
+    "evaluate_harness": "fgpt_jax.eval.harness",
     "SpanScorer": "fgpt_jax.eval.scoring",
     "Span": "fgpt_jax.eval.scoring",
 }
@@ -59,25 +62,34 @@ class Loaded:
     def block_size(self) -> int:
         return self.cfg.model.block_size
 
+    @classmethod
+    def of(cls, model, cfg=None, step: int | None = None, mesh=None) -> Loaded:
+        """An in-memory GPT (a notebook's, a test's) as a `Loaded`; `cfg` defaults to a Config around
+        the model's own GPTConfig."""
+        import jax
+        from flax import nnx
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from fgpt_jax import sharding as shd
+        from fgpt_jax.config import Config
+
+        mesh = mesh if mesh is not None else shd.make_mesh()
+        graphdef, params = nnx.split(model, nnx.Param)
+        cfg = cfg if cfg is not None else Config(model=model.config)
+        return cls(graphdef, jax.device_put(params, NamedSharding(mesh, P())), cfg, step, mesh)
+
 
 def load(run: str | os.PathLike, step: int | None = None, mesh=None) -> Loaded:
     """The checkpoint `step` of run directory `run` (default: its latest), parameters only, replicated
     on `mesh` (default: every device). The one model loader of the eval stage."""
-    import jax
-    from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from fgpt_jax import sharding as shd
     from fgpt_jax.checkpoint import load_model
     from fgpt_jax.rundir import RunDir
 
     steps = RunDir(run).checkpoint_steps()
     step = steps[-1] if step is None and steps else step
     model, cfg = load_model(run, step)
-    mesh = mesh if mesh is not None else shd.make_mesh()
-    graphdef, params = nnx.split(model, nnx.Param)
-    return Loaded(graphdef, jax.device_put(params, NamedSharding(mesh, P())), cfg, step, mesh)
+    return Loaded.of(model, cfg, step, mesh)
 
 
 def __getattr__(name: str):

@@ -1,8 +1,10 @@
-"""Evaluate a run: `python -m fgpt_jax.eval {val,hellaswag,dpo} --run DIR [...]`.
+"""Evaluate a run: `python -m fgpt_jax.eval {val,hellaswag,dpo,harness} --run DIR [...]`.
 
     python -m fgpt_jax.eval val --run DIR [--step N] [--data DIR_OR_FILE] [--max-tokens N] [--batch-size N]
     python -m fgpt_jax.eval hellaswag --run DIR [--step N] [--limit N] [--data FILE] [--batch-size N]
     python -m fgpt_jax.eval dpo --run DIR --ref REF_DIR [--step N] [--ref-step N] [--data FILE] [--limit N]
+    python -m fgpt_jax.eval harness --run DIR --tasks T[,T...] [--step N] [--include-path DIR] [--num-fewshot K]
+        [--limit N] [--batch-size B] [--apply-chat-template] [--output-path DIR] [--log-samples]
 
 The result is printed as one JSON object on the last line of stdout and appended, with the step
 evaluated, to RUN/eval.jsonl. Progress bars go to stderr, on a terminal only. Bad input exits 2
@@ -21,21 +23,29 @@ run `--ref`, with the run's dpo.* settings. By default it scores the run's own v
 its micro-batches (a DPO run's val/ metrics, the same numbers when --ref is its init_from); `--data`
 scores every pair of a preference file (its first --limit records) that fits the context, whole:
 no prompt/reply limits, no truncation, so any tool can recompute the numbers.
+
+`harness` runs lm-evaluation-harness tasks on the run's model in process (fgpt_jax.eval.harness;
+the optional extra `pip install "fgpt-jax[eval]"`); its JSON line's "results" is lm-eval's results
+dictionary, and --output-path receives lm-eval's own result files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from fgpt_jax import cli
 from fgpt_jax.data.hellaswag import PREPROCESS
+from fgpt_jax.errors import UserError
 
 
 def _parser() -> cli.Parser:
     p = cli.Parser(prog="python -m fgpt_jax.eval", description="Evaluate a run directory's checkpoint.")
-    sub = p.add_subparsers(dest="task", required=True, metavar="{val,hellaswag,dpo}", parser_class=cli.Parser)
+    sub = p.add_subparsers(dest="task", required=True, metavar="{val,hellaswag,dpo,harness}", parser_class=cli.Parser)
     common = cli.Parser(add_help=False)
     common.add_argument(
         "--run", type=Path, required=True, metavar="DIR", help="run directory (config.json + checkpoints/)"
@@ -112,7 +122,55 @@ def _parser() -> cli.Parser:
         metavar="N",
         help="pairs per device call (default: the run's micro-batch, as in training)",
     )
+    _harness_parser(sub, common)
     return p
+
+
+def _harness_parser(sub, common: cli.Parser) -> None:
+    h = sub.add_parser(
+        "harness",
+        parents=[common],
+        help='lm-evaluation-harness tasks, in process (pip install "fgpt-jax[eval]")',
+        description="Run lm-evaluation-harness tasks on the run's model in process; prints one JSON line "
+        'whose "results" is lm-eval\'s results dictionary.',
+    )
+    h.add_argument(
+        "--tasks",
+        required=True,
+        metavar="T[,T...]",
+        help="lm-eval task, group or tag names (or glob patterns, or task YAML files), comma-separated",
+    )
+    h.add_argument(
+        "--include-path",
+        type=Path,
+        metavar="DIR",
+        help="a directory of your own task YAMLs (they win over lm-eval's registry of the same name)",
+    )
+    h.add_argument(
+        "--num-fewshot", type=cli.int_in(0), metavar="K", help="few-shot examples per prompt (default: each task's)"
+    )
+    h.add_argument("--limit", type=cli.positive_int, metavar="N", help="evaluate only the first N documents per task")
+    h.add_argument(
+        "--batch-size",
+        type=cli.positive_int,
+        default=32,
+        metavar="B",
+        help="rows per scoring call and prompts per generation call (default 32)",
+    )
+    h.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="render prompts with the chat template (<|system|>/<|user|>/<|assistant|> turns), for SFT runs",
+    )
+    h.add_argument(
+        "--output-path",
+        type=Path,
+        metavar="DIR",
+        help="write lm-eval's result files there, as its CLI does (DIR/<run>/results_<date>.json)",
+    )
+    h.add_argument(
+        "--log-samples", action="store_true", help="also write every request and response (needs --output-path)"
+    )
 
 
 def _bar(desc: str, enabled: bool, total: int | None = None):
@@ -172,7 +230,57 @@ def run_hellaswag(args) -> dict:
     return {"task": "hellaswag", "step": model.step, **m, "data": data, "preprocess": args.preprocess}
 
 
-TASKS = {"val": run_val, "hellaswag": run_hellaswag, "dpo": run_dpo}
+def run_harness(args) -> dict:
+    from fgpt_jax import eval as ev
+    from fgpt_jax.rundir import RunDir
+
+    if args.log_samples and args.output_path is None:
+        raise UserError("--log-samples: needs --output-path DIR (the samples are written there)")
+    RunDir(args.run).read_config()  # a bad run fails first
+    from fgpt_jax.eval import harness  # a missing lm_eval fails here, in one line
+
+    if not os.environ.get("FGPT_JAX_DEBUG"):  # lm-eval's warnings, as the other libraries' logs (cli.py)
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    manager, names = harness.resolve_tasks(args.tasks, args.include_path)  # before the model loads
+    harness.check_output_path(args.output_path)
+    model = ev.load(args.run, args.step)
+    progress = not args.no_progress and sys.stderr.isatty()
+    if not progress:
+        import datasets
+
+        datasets.disable_progress_bars()
+    t0 = time.perf_counter()
+    results = ev.evaluate_harness(
+        model,
+        names,
+        task_manager=manager,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        apply_chat_template=args.apply_chat_template,
+        log_samples=args.log_samples,
+        output_path=args.output_path,
+        model_args={"model": str(args.run), "step": model.step},
+        progress=progress,
+    )
+    keys = ("results", "groups", "group_subtasks", "versions", "n-shot", "higher_is_better", "n-samples")
+    return {
+        "task": "harness",
+        "step": model.step,
+        "tasks": names,
+        **harness.jsonable({k: results[k] for k in keys if k in results}),
+        "num_fewshot": args.num_fewshot,
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "apply_chat_template": args.apply_chat_template,
+        "include_path": None if args.include_path is None else str(args.include_path),
+        "output_files": results.get("output_files", []),
+        "lm_eval_version": results.get("lm_eval_version"),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+TASKS = {"val": run_val, "hellaswag": run_hellaswag, "dpo": run_dpo, "harness": run_harness}
 
 
 def main(argv: list[str] | None = None) -> int:

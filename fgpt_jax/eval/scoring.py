@@ -2,16 +2,20 @@
 that asks "how likely are these tokens after that prefix" (HellaSwag, CORE, lm-evaluation-harness,
 the server's prompt log-probabilities).
 
-A `Span` is a token sequence of at most block_size tokens and the index `start` of its first scored
-token: tokens[start:] are the targets, each predicted by the model's output one position earlier.
+A `Span` is a token sequence of at most block_size + 1 tokens and the index `start` of its first
+scored token: tokens[start:] are the targets, each predicted by the model's output one position
+earlier. The model reads tokens[:-1] (the last token is only ever a target), so a span of
+block_size + 1 tokens fills the context exactly, as lm-evaluation-harness's windows do.
 `SpanScorer.pack(spans)` lays spans out once on the host, `scorer(graphdef, params, packed)` scores
 them and returns, per span, the log-probability of every target token (float32, log-softmax over the
-whole vocabulary) and whether each target is the model's argmax there (greedy).
+whole vocabulary, or over its first `vocab_size` ids) and whether each target is the model's argmax
+there (greedy).
 
 Why this shape of computation:
-- A fixed set of compiled programs. Spans are grouped into length buckets (powers of two from 64,
-  then block_size) and packed into batches of a fixed number of rows per bucket, so the jitted
-  function compiles once per (bucket, K) used, never once per span or per batch.
+- A fixed set of compiled programs. Spans are grouped into length buckets by the tokens the model
+  reads (powers of two from 64, then block_size) and packed into batches of a fixed number of rows
+  per bucket, so the jitted function compiles once per (bucket, K) used, never once per span or per
+  batch.
 - The LM head runs on target positions only. The final hidden states of a device's rows are flattened
   and the target positions gathered into a fixed-size list of K positions per device (K: the most
   targets any device holds in any batch of the bucket, rounded up to a power of two, so different
@@ -60,7 +64,7 @@ def _pow2_at_least(n: int, smallest: int = 8) -> int:
 
 @dataclass(frozen=True)
 class Span:
-    """`tokens` (1 to block_size ids) scored at positions start..len(tokens)-1 (start >= 1)."""
+    """`tokens` (2 to block_size + 1 ids) scored at positions start..len(tokens)-1 (start >= 1)."""
 
     tokens: Sequence[int]
     start: int
@@ -71,10 +75,12 @@ class Span:
 
 
 def crop_left(tokens: Sequence[int], start: int, block_size: int) -> Span:
-    """The span that keeps the last `block_size` tokens of `tokens` (as nanochat's CORE and the
-    harness's hf backend crop long prompts: the oldest context goes first), its scored part moving
-    with them. At least one target is always kept; a target that falls off the front (a continuation
-    longer than block_size - 1) is dropped with it."""
+    """The span that keeps the last `block_size` tokens of `tokens` (the oldest context goes first),
+    its scored part moving with them. nanochat's CORE and HellaSwag keep a window of the context
+    length (`block_size` = the model's); lm-evaluation-harness's hf backend keeps one token more
+    (pass the model's block_size + 1: its last token is only a target). At least one target is always
+    kept; a target that falls off the front (a continuation longer than the window - 1) is dropped
+    with it."""
     tokens = list(tokens)
     cut = max(len(tokens) - block_size, 0)
     return Span(tokens[cut:], max(start - cut, 1))
@@ -129,7 +135,9 @@ class SpanScorer:
 
     `rows` is the number of rows per batch (rounded up to a multiple of the devices), the same in
     every bucket so memory stays bounded by rows x block_size; `compiles` counts traces (one per
-    (bucket, K) shape used, then none)."""
+    (bucket, K) shape used, then none). `vocab_size` limits the log-softmax and the argmax to the
+    first ids of the model's (padded) vocabulary: the rows a Hugging Face export keeps, so scores
+    equal those of the exported model (default: every row)."""
 
     def __init__(
         self,
@@ -137,11 +145,12 @@ class SpanScorer:
         rows: int = 32,
         buckets: Sequence[int] | None = None,
         mesh: Mesh | None = None,
+        vocab_size: int | None = None,
     ):
         if block_size < 2:
             raise ValueError(f"block_size={block_size}: need at least 2 positions to score a token")
         self.mesh = mesh if mesh is not None else shd.make_mesh()
-        self.block_size, self.compiles = block_size, 0
+        self.block_size, self.compiles, self.vocab_size = block_size, 0, vocab_size
         self.buckets = tuple(sorted(set(buckets or default_buckets(block_size))))
         if self.buckets[-1] > block_size or self.buckets[0] < 2:
             raise ValueError(f"buckets {self.buckets}: each must lie in [2, block_size={block_size}]")
@@ -161,12 +170,12 @@ class SpanScorer:
         """Lay `spans` out into batches (the order of spans inside a bucket is kept)."""
         S, R = self.mesh.size, self.rows
         Rd = R // S  # rows per device
-        lengths = np.array([len(s.tokens) for s in spans], np.int64)
+        lengths = np.array([len(s.tokens) - 1 for s in spans], np.int64)  # the tokens the model reads
         for i, s in enumerate(spans):
-            if not 1 <= s.start < len(s.tokens) <= self.block_size:
+            if not 1 <= s.start < len(s.tokens) <= self.block_size + 1:
                 raise ValueError(
                     f"span {i}: {len(s.tokens)} tokens scored from {s.start}; expected 1 <= start < "
-                    f"len(tokens) <= block_size {self.block_size} (crop_left first)"
+                    f"len(tokens) <= block_size + 1 = {self.block_size + 1} (crop_left first)"
                 )
         bucket_of = np.searchsorted(np.array(self.buckets), lengths)
         out = []
@@ -186,7 +195,7 @@ class SpanScorer:
                         continue
                     span = spans[i]
                     seq = np.asarray(span.tokens, np.int32)
-                    tokens[k, r, : len(seq)] = seq
+                    tokens[k, r, : len(seq) - 1] = seq[:-1]
                     s, local = divmod(r, Rd)
                     t = np.arange(span.start, len(seq))
                     pos, tgt, row = parts[k][s]
@@ -220,6 +229,8 @@ class SpanScorer:
         h_SMD = h_RLD.reshape(S, (R // S) * L, D)
         hg_SKD = jnp.take_along_axis(h_SMD, pos_SK[:, :, None], axis=1)
         logits_SKV = model.logits(hg_SKD).astype(jnp.float32)
+        if self.vocab_size is not None:
+            logits_SKV = logits_SKV[..., : self.vocab_size]
         lse_SK = jax.nn.logsumexp(logits_SKV, axis=-1)
         lp_SK = jnp.take_along_axis(logits_SKV, tgt_SK[:, :, None], axis=-1)[..., 0] - lse_SK
         greedy_SK = jnp.argmax(logits_SKV, axis=-1) == tgt_SK
