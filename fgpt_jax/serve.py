@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         from fgpt_jax.checkpoint import load_model
+        from fgpt_jax.config import instruction_tuned as tuned
         from fgpt_jax.inference.engine import Engine
         from fgpt_jax.inference.server import create_app
 
         model, cfg = load_model(args.run, args.step)
-        instruction_tuned = cfg.data.format == "chat"  # an SFT run; base runs are for /v1/completions
+        instruction_tuned = tuned(cfg)  # SFT or DPO; base runs are for /v1/completions
         name = args.model_name or args.run.absolute().name
         with Engine(model, max_batch=args.max_batch, max_queue=args.max_queue) as engine:
             if not args.no_warmup:
