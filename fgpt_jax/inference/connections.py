@@ -24,7 +24,8 @@ What it enforces (`ConnectionLimits`; the serve CLI's flags, docs/serving.md):
     holds at most about `max_connections` sockets and never runs out of file descriptors;
   * idle keep-alive connections close after uvicorn's `timeout_keep_alive` (passed through);
   * an unparsable request, or a head still unfinished past `max_head_bytes` (h11 bounds what it buffers,
-    so a head that arrives whole in one read may be longer), gets uvicorn's 400 as OpenAI's error object.
+    so a head that arrives whole in one read may be longer), gets uvicorn's 400 as OpenAI's error object;
+  * every warning a client can cause (ours and uvicorn's) is logged at most once a minute per kind.
 """
 
 from __future__ import annotations
@@ -90,6 +91,21 @@ def error_bytes(status: int, reason: str, message: str, kind: str, code: str | N
     return head.encode() + body
 
 
+class _RateLimitedWarnings:
+    """uvicorn's logger as its protocol uses it, with the warnings a client can cause at will (a request
+    that is not HTTP, an unsupported upgrade) passed through Incidents; errors (an exception in the app:
+    a bug) keep their tracebacks."""
+
+    def __init__(self, log: logging.Logger, incidents: Incidents):
+        self._log, self._incidents = log, incidents
+
+    def warning(self, msg: str, *args) -> None:
+        self._incidents.report(f"uvicorn: {msg}", msg % args if args else msg)
+
+    def __getattr__(self, name):
+        return getattr(self._log, name)
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a request deadline and a connection cap (see the module docstring).
     Built per server by `guarded_protocol`, which sets the class attributes below."""
@@ -97,6 +113,10 @@ class GuardedH11Protocol(H11Protocol):
     limits: ConnectionLimits
     incidents: Incidents
     waiting: dict  # this server's connections without a request in the works, oldest first (an ordered set)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logger = _RateLimitedWarnings(self.logger, self.incidents)  # type: ignore[assignment]
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self._refused, self._closed_by_us, self._fresh, self._deadline = False, False, True, None
