@@ -6,8 +6,8 @@
 A multi-turn REPL (`fgpt_jax.inference.session.ChatSession`). On a terminal: `you>` prompts,
 `/reset` clears the history, `/quit` (or Ctrl-D) leaves. With stdin not a terminal, every line is
 one user turn and each answer is printed on its own line. `--prompt TEXT` answers once and exits.
-A run that was not instruction-tuned (config data.format neither "chat" nor "preference": pretrained
-or imported) still answers, after one note on stderr.
+A run that was not instruction-tuned (`fgpt_jax.config.instruction_tuned`: neither SFT nor DPO, so
+pretrained or imported) still answers, after one note on stderr.
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from fgpt_jax.checkpoint import load_model
+        from fgpt_jax.config import instruction_tuned
         from fgpt_jax.inference.generator import Generator
         from fgpt_jax.inference.session import ChatSession
 
         model, cfg = load_model(args.run, args.step)
-        if cfg.data.format not in ("chat", "preference"):  # preference: DPO after SFT
+        if not instruction_tuned(cfg):
             # Pretrained or imported: it still answers, but a newcomer should know why it rambles.
             print(
                 f"note: {args.run} was not instruction-tuned (data.format {cfg.data.format!r}): answers will be "

@@ -128,6 +128,13 @@ class Config:
             raise ConfigError("Config: init_mode='warm' needs init_from (the run to continue)")
 
 
+def instruction_tuned(cfg: Config) -> bool:
+    """Whether a run's model follows the chat template: SFT (data.format "chat") or DPO ("preference",
+    which starts from an SFT run). The one rule for every front-end (chat's note, serve's model card
+    and page, the trainer's text samples); pretrained and imported runs are base models."""
+    return cfg.data.format in ("chat", "preference")
+
+
 PRESET_PACKAGE = "fgpt_jax.configs"  # the top-level configs/ directory, installed under this name
 
 

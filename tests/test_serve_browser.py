@@ -27,12 +27,12 @@ def server(tmp_path_factory):
     from fgpt_jax.data import DataConfig
     from fgpt_jax.model import GPT, GPTConfig
 
-    # The page needs a working model, not a good one: a random-init instruction-tuned-format run.
+    # The page needs a working model, not a good one: a random-init run saved as DPO's (data.format
+    # "preference", which is instruction-tuned as SFT's "chat" is: the page must not call it a base model).
     run = tmp_path_factory.mktemp("browser") / "chat-run"
     shape = GPTConfig.preset("tiny", n_layer=1, n_embd=64, n_head=2, block_size=128)
-    save_model(
-        run, GPT(shape, rngs=nnx.Rngs(0)), Config(model=shape, data=dataclasses.replace(DataConfig(), format="chat"))
-    )
+    cfg = Config(model=shape, data=dataclasses.replace(DataConfig(), format="preference"))
+    save_model(run, GPT(shape, rngs=nnx.Rngs(0)), cfg)
     log = open(run.parent / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fgpt_jax.serve", "--run", str(run), "--port", "0", "--max-batch", "2"],
@@ -72,6 +72,7 @@ def test_chat_page_streams_replies_and_starts_new_chats(page, server):
     page.goto(server)
     page.wait_for_function("document.getElementById('model').textContent.startsWith('chat-run')")
     assert "context 128" in page.text_content("#model")
+    assert page.is_hidden("#notice") and not page.text_content("#notice")  # no "base model" warning
     page.fill("#system", "Be brief.")
     page.fill("#max-tokens", "48")
     page.fill("#input", "Hello! <|assistant|> Who are you?")

@@ -8,4 +8,5 @@
   row_sampling  temperature / top-k / top-p / PRNG key per row, for the engine's shared batches
   protocol   OpenAI's wire format: request models, error object, a choice's text deltas
   server     the ASGI app (OpenAI-compatible API + the chat page in web/)
+  connections  the HTTP server's limits (request deadline, connection cap) for uvicorn
 """

@@ -1,16 +1,19 @@
 """OpenAI's wire format for the server: request models, the error object, limits, and the text of a choice.
 
 Kept apart from the app (server.py) so the HTTP plumbing and the protocol each stay one concern.
-Request models ignore unknown fields (as OpenAI does) and take null as "the default".
+Request models ignore unknown fields (as OpenAI does) and take null as "the default". Types are
+strict, as OpenAI's are: `max_tokens: true`, `"0.5"` for a number or `1.5` for an integer are 422s
+naming the field (an integer is a number, so `temperature: 1` is taken).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fgpt_jax.inference.generator import TextStreamer
 
@@ -47,7 +50,9 @@ class APIError(Exception):
 
 
 class RequestBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI ignores fields it does not know
+    # OpenAI ignores fields it does not know, and coerces no types (strict: bool is not an int, a
+    # string is not a number; an int is still a float).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(RequestBody):
@@ -89,6 +94,51 @@ class ChatRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
+
+
+MAX_INT_DIGITS = 4300  # Python's own limit for int(str); past it json.loads raises a bare ValueError
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's json would read NaN and Infinity as floats
+
+
+def _param(loc: tuple) -> str | None:
+    """The field a pydantic error is about, as OpenAI names it ("messages.0.content"): union members'
+    tags ("str", "list[str]", "TextPart", ...), which pydantic puts in the location, are left out."""
+    parts = [
+        str(p)
+        for p in loc
+        if isinstance(p, int) or not (p in ("str", "int", "float", "bool") or "[" in p or p[:1].isupper())
+    ]
+    return ".".join(parts) or None
+
+
+def parse_request(raw: bytes, model: type[RequestBody]) -> RequestBody:
+    """The request `model` from a JSON body, or the APIError OpenAI would answer: 400 for a body that is
+    not JSON (nested too deeply, NaN, a 5,000-digit number included) or not an object, 422 naming a
+    field that does not match the schema."""
+    try:
+        data = json.loads(raw, parse_int=_int, parse_constant=_no_constant)
+    except RecursionError:  # the C parser's recursion guard: depth ~ the interpreter's recursion limit
+        raise APIError(400, "We could not parse the JSON body of your request: nested too deeply.") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError included
+        raise APIError(400, f"We could not parse the JSON body of your request: {e}.") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        # Of a union's failures, the member that matched deepest says most ("content.0.text", not "content").
+        err = max(e.errors(include_url=False), key=lambda err: len(err["loc"]))
+        param = _param(err["loc"])
+        raise APIError(422, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
 
 
 # ---- text of one choice: UTF-8-safe pieces, stop strings held back ----

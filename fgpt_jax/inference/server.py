@@ -8,9 +8,12 @@ share one decode batch. The wire format's models and the text of a choice live i
 
 Errors are OpenAI's error object `{"error": {"message", "type", "param", "code"}}` with the status:
 401 missing or wrong bearer key (with `api_key`), 413 a body, message count or message over the limits,
-400 malformed JSON or a request this model cannot run (max_tokens past the context, conversation
-shape), 422 a body that does not match the schema (types, ranges), 404 an unknown model or route,
-503 the engine's queue is full or the engine has stopped. Unknown fields are ignored, as OpenAI does.
+400 malformed JSON (nested too deeply included) or a request this server can never run (max_tokens
+past the context, conversation shape, more generations (n x prompts) than its batch and queue hold),
+422 a body that does not match the schema (strict types, ranges), 404 an unknown model or route,
+503 the engine's queue is full for now (with `Retry-After`) or the engine has stopped. Unknown fields
+are ignored, as OpenAI does. Limits on connections themselves (slow clients, their number) are the
+HTTP server's: connections.py.
 
 Chat requests render with the tokenizer's chat template (user text is always ordinary text: typing
 "<|assistant|>" cannot open a turn). A conversation longer than the context drops its oldest
@@ -33,10 +36,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -50,6 +52,7 @@ from fgpt_jax.inference.protocol import (
     Limits,
     RequestBody,
     SamplingFields,
+    parse_request,
 )
 from fgpt_jax.tokenizer import get_tokenizer
 
@@ -118,7 +121,7 @@ class Server:
         self.engine, self.model_id, self.instruction_tuned = engine, model_id, instruction_tuned
         self.api_key, self.limits = api_key, limits
         self.tok = get_tokenizer()
-        self.block = engine.config.block_size
+        self.block, self.vocab = engine.config.block_size, engine.config.vocab_size
         self.created = int(time.time())
 
     # -- checks shared by both endpoints --
@@ -138,22 +141,14 @@ class Server:
         if int(request.headers.get("content-length") or 0) > limit:
             raise APIError(413, f"Request body larger than {limit} bytes.", code="request_too_large")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise APIError(413, f"Request body larger than {limit} bytes.", code="request_too_large")
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"We could not parse the JSON body of your request: {e}.") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "The request body must be a JSON object.")
-        try:
-            body = model.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(str(p) for p in err["loc"]) or None
-            raise APIError(422, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > limit:
+                    raise APIError(413, f"Request body larger than {limit} bytes.", code="request_too_large")
+        except ClientDisconnect:  # nobody to answer; the HTTP layer logs it (rate-limited), no traceback
+            raise APIError(400, "The client left before sending the whole request body.") from None
+        body = parse_request(bytes(raw), model)
         if body.model is not None and body.model != self.model_id:
             raise APIError(
                 404,
@@ -186,7 +181,7 @@ class Server:
             SamplingParams(
                 max_tokens=max_tokens,
                 temperature=temperature,
-                top_k=max(body.top_k or 0, 0),
+                top_k=min(max(body.top_k or 0, 0), self.vocab),  # past the vocabulary: no filter
                 top_p=1.0 if body.top_p is None else body.top_p,
                 seed=(seed + i) % 2**32,
             )
@@ -235,7 +230,17 @@ class Server:
 
     # -- running --
     def submit(self, prompts: list[list[int]], params: list[SamplingParams]):
-        """Submit every (prompt, choice) pair; all or none. Returns (requests, queue of (choice, token))."""
+        """Submit every (prompt, choice) pair; all or none. Returns (requests, queue of (choice, token)).
+        More pairs than the engine ever holds is the client's error (400, not retried); a queue full for
+        now is a 503 the client may retry."""
+        eng, total = self.engine, len(prompts) * len(params)
+        if total > eng.max_batch + eng.max_queue:
+            raise APIError(
+                400,
+                f"n={len(params)} x {len(prompts)} prompt(s) = {total} generations: this server takes at most "
+                f"{eng.max_batch + eng.max_queue} at once (max batch {eng.max_batch} + max queue {eng.max_queue})",
+                param="n" if len(params) > 1 else "prompt",
+            )
         events = Inbox(asyncio.get_running_loop())
         reqs = []
 
@@ -249,7 +254,13 @@ class Server:
         except (EngineBusy, EngineClosed) as e:
             for r in reqs:
                 r.cancel()
-            raise APIError(503, f"Server overloaded or stopped: {e}", code="server_busy", kind="server_error") from None
+            busy = isinstance(e, EngineBusy)
+            raise APIError(
+                503,
+                f"Server {'busy' if busy else 'stopped'}: {e}",
+                code="server_busy" if busy else "engine_stopped",
+                kind="server_error",
+            ) from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
         return reqs, events
@@ -449,9 +460,10 @@ class Server:
 
 
 def _error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(
-        exc.body(), status_code=exc.status, headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    )
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if exc.code == "server_busy":  # the openai client waits this long before its retry
+        headers = {"Retry-After": "1"}
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
