@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from fgpt_jax import sharding as shd
 from fgpt_jax.checkpoint import Checkpoints, load_model
-from fgpt_jax.config import Config
+from fgpt_jax.config import Config, instruction_tuned
 from fgpt_jax.data.pipeline import Data, open_data
 from fgpt_jax.errors import UserError
 from fgpt_jax.eval.dpo import Reference, dpo_eval_step
@@ -202,7 +202,7 @@ def _eval_hooks(cfg: Config, setup: Setup, data: Data, mesh: Mesh) -> tuple[H.Ho
             mesh=mesh,
         )
         evals.append(H.HellaSwag(t.hellaswag_every, scorer, setup.graphdef))
-    chat = cfg.data.format in ("chat", "preference")
+    chat = instruction_tuned(cfg)  # chat runs sample answers to fixed questions
     evals.append(H.TextSample(t.sample_every, setup.graphdef, t.sample_prompt, t.sample_tokens, chat=chat))
     return (val if data.val else None), evals
 
