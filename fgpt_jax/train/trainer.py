@@ -39,7 +39,15 @@ from fgpt_jax.metrics import MetricsWriter, Throughput, format_line, peak_flops
 from fgpt_jax.rundir import RunDir
 from fgpt_jax.tokenizer import N_VOCAB
 from fgpt_jax.train import hooks as H
-from fgpt_jax.train.start import TrainingError, check_base, check_run, rows_read, warm_source, warm_state
+from fgpt_jax.train.start import (
+    TrainingError,
+    check_base,
+    check_run,
+    rows_read,
+    schedule_change,
+    warm_source,
+    warm_state,
+)
 from fgpt_jax.train.step import build_setup
 
 
@@ -123,6 +131,8 @@ class Trainer:
         if cfg.init_from and not resume:
             check_base(cfg)
         start = check_run(cfg, run, resume, resume_step)
+        if note := schedule_change(cfg, run, start):  # reads the saved config.json: before it is rewritten
+            self.console(note)
 
         first_row = 0
         if warm:  # the data continues where init_from's loader stopped
