@@ -33,12 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from fgpt_jax.config import Config
 from fgpt_jax.errors import UserError
 from fgpt_jax.model import GPT, abstract_model, named_leaves
 from fgpt_jax.rundir import RunDir
+from fgpt_jax.sharding import make_mesh
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -216,6 +218,9 @@ class Checkpoints:
         return abstract_state.replace(params=out["params"], **out["train"]), out["data"]
 
     def restore_params(self, step: int, abstract_params):
+        """The `params` item at `step`, in `abstract_params`' shardings; leaves without one (an
+        abstract model, as `load_model` passes) land on this process's first device."""
+        abstract_params = _on_this_host(abstract_params)
         check_shapes(self.item_shapes(step, "params"), abstract_params, self.directory / str(step))
         sums = self.read_json(step, "meta").get("checksum", {})
         try:
@@ -280,6 +285,24 @@ def _cause(e: BaseException) -> str:
     return (text[:160] + "...") if len(text) > 160 else text or type(e).__name__
 
 
+def _on_this_host(tree):
+    """`tree` with every ShapeDtypeStruct that has no sharding given one: this process's first device,
+    or, in a multi-process run, every device replicated (each process must hold the same global
+    array, which the trainer then lays out on its mesh). Without a target sharding orbax restores onto
+    the topology the checkpoint was saved from, and refuses ("Topology mismatch") when that had other
+    devices: a run trained on 4 GPUs, read on 1."""
+    if jax.process_count() > 1:
+        target = NamedSharding(make_mesh(), PartitionSpec())
+    else:
+        target = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target) if getattr(x, "sharding", None) is None else x
+        ),
+        tree,
+    )
+
+
 def _train_fields(state) -> dict:
     """Every field of a TrainState but its params: the `train` item."""
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "params"}
@@ -320,7 +343,9 @@ def save_model(run_dir: str | Path, model: GPT, cfg: Config, step: int = 0, meta
 
 
 def load_model(run_dir: str | Path, step: int | None = None) -> tuple[GPT, Config]:
-    """The model of a run directory at `step` (default: the latest), parameters only.
+    """The model of a run directory at `step` (default: the latest), parameters only, on this process's
+    first device whatever device count the run was trained on (replicated over all devices in a
+    multi-process run).
 
     The model config comes from the run's config.json, so no flag has to be repeated.
     """
