@@ -7,7 +7,8 @@
 counter, and continues phase 1's data stream where it stopped (no batch seen twice): FGPT needed this
 to break its loss plateau. Muon 0.003 cosine to 0.0005 and AdamW 3e-5 to 5e-6 (both 1/6 of the peak),
 no warmup, over 16,666 updates (~8.6B tokens), clipping at 0.5. The model must be phase 1's shape
-(a run of another shape is refused); everything else is as in phase 1.
+(a run of another shape is refused); everything else is as in phase 1, FGPT's torch.optim.Muon
+rule included (configs/fgpt.py).
 """
 
 import dataclasses

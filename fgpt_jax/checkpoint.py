@@ -33,12 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from fgpt_jax.config import Config
 from fgpt_jax.errors import UserError
 from fgpt_jax.model import GPT, abstract_model, named_leaves
 from fgpt_jax.rundir import RunDir
+from fgpt_jax.sharding import make_mesh
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -203,8 +205,10 @@ class Checkpoints:
         return abstract_state.replace(params=out["params"], **out["train"]), out["data"]
 
     def restore_params(self, step: int, abstract_params):
-        """Restore the parameters alone at `step` (generation, evaluation, init_from), checked likewise."""
-        return self._restore(step, abstract_params)["params"]
+        """The `params` item at `step` (generation, evaluation, init_from) in `abstract_params`' shardings,
+        checked likewise; leaves without one (an abstract model, as `load_model` passes) land on this
+        process's first device, so a checkpoint written on any device count loads."""
+        return self._restore(step, _on_this_host(abstract_params))["params"]
 
     def _restore(self, step: int, abstract_params, **more) -> dict:
         """The one restore path: the parameters' shapes checked against the config first (a clear error
@@ -269,6 +273,24 @@ def _cause(e: BaseException) -> str:
     return (text[:160] + "...") if len(text) > 160 else text or type(e).__name__
 
 
+def _on_this_host(tree):
+    """`tree` with every ShapeDtypeStruct that has no sharding given one: this process's first device,
+    or, in a multi-process run, every device replicated (each process must hold the same global
+    array, which the trainer then lays out on its mesh). Without a target sharding orbax restores onto
+    the topology the checkpoint was saved from, and refuses ("Topology mismatch") when that had other
+    devices: a run trained on 4 GPUs, read on 1."""
+    if jax.process_count() > 1:
+        target = NamedSharding(make_mesh(), PartitionSpec())
+    else:
+        target = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target) if getattr(x, "sharding", None) is None else x
+        ),
+        tree,
+    )
+
+
 def _train_fields(state) -> dict:
     """Every field of a TrainState but its params: the `train` item."""
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "params"}
@@ -309,7 +331,9 @@ def save_model(run_dir: str | Path, model: GPT, cfg: Config, step: int = 0, meta
 
 
 def load_model(run_dir: str | Path, step: int | None = None) -> tuple[GPT, Config]:
-    """The model of a run directory at `step` (default: the latest), parameters only.
+    """The model of a run directory at `step` (default: the latest), parameters only, on this process's
+    first device whatever device count the run was trained on (replicated over all devices in a
+    multi-process run).
 
     The model config comes from the run's config.json, so no flag has to be repeated.
     """

@@ -9,24 +9,33 @@ send the token embedding, a 2-D matrix, to Muon): attention qkv and output proje
 MLP in/out kernels are Muon; token and position embeddings (the tied head), LayerNorms and biases
 are AdamW. `optimizer="adamw"` puts everything on AdamW: the build-nanogpt baseline.
 
-Muon's core is optax.contrib's `scale_by_muon`: bias-corrected EMA momentum (after the
-Newton-Schulz normalisation this points the same way as Keller Jordan's `g + beta * buf`) and the
-quintic iteration, orthogonalising over (reduction axis 0, output axis 1) = Flax's (in, out)
-kernels. The shape scale sqrt(max(1, fan_out / fan_in)) (Keller Jordan's max(1, rows / cols) on
-torch's (out, in) weights) is written here because optax keeps its `scale_by_shape` private.
+Muon's momentum follows one of two rules (`muon_momentum_rule`); both keep the same EMA buffer
+mu <- b * mu + (1 - b) * g in the same optax `MuonState`, and differ only in the Nesterov step:
+    "torch":  (1 - b) * g + b * mu                                 torch.optim.Muon, Keller Jordan's Muon
+    "optax":  b * mu / (1 - b^(t+1)) + (1 - b) * g / (1 - b^t)     optax.contrib.scale_by_muon (bias-corrected)
+The Newton-Schulz normalisation makes the update scale-free, so the rules agree at step 1 and differ
+by ~9-12% at step 2; the difference decays as b^t (< 0.6% after 100 steps at b = 0.95). Because the
+state is the same, a run may switch rule on resume: the moments keep their meaning, only the next
+steps' bias correction changes.
+
+Newton-Schulz is the quintic iteration, orthogonalising over (reduction axis 0, output axis 1) =
+Flax's (in, out) kernels: optax's iteration in float32, or `newton_schulz_bf16`, which repeats
+torch.optim.Muon's bf16 iteration operation by operation.
+The shape scale sqrt(max(1, fan_out / fan_in)) (torch's `adjust_lr_fn="original"`, max(1, rows / cols)
+on its (out, in) weights) is written here because optax keeps its `scale_by_shape` private.
 The attention qkv kernel (D, 3D) is orthogonalised as one matrix, as in FGPT.
 
 Weight decay is decoupled and multiplied by the learning rate before any shape scale, as in
 torch.optim.AdamW and torch.optim.Muon: theta <- theta * (1 - lr * wd). build-nanogpt (the GPT-2
 presets) decays matrices only; FGPT built `torch.optim.Muon(hidden, lr=0.03)` and
 `torch.optim.AdamW(rest, 3e-4, betas=(0.9, 0.95), weight_decay=0.1)`, i.e. PyTorch's default Muon
-decay 0.1 and AdamW decay on every parameter it holds, LayerNorms and biases included: the `fgpt`
-preset sets `muon_weight_decay=0.1, weight_decay_on="all"` (tests/test_optim.py checks the chain
-against torch's two optimizers step by step).
+(momentum 0.95, Nesterov, decoupled decay 0.1, bf16 Newton-Schulz) and AdamW decay on every parameter
+it holds, LayerNorms and biases included: the `fgpt` preset sets `muon_momentum_rule="torch",
+ns_dtype="bfloat16", muon_weight_decay=0.1, weight_decay_on="all"` (tests/test_optim.py checks the
+chain against torch's two optimizers step by step).
 
-`ns_dtype="bfloat16"` runs the Newton-Schulz iteration in bf16 (as torch.optim.Muon always does)
-while momentum stays float32; the optimizer state is the same either way, so it can change between
-resumes.
+`ns_dtype` changes only the arithmetic, never the optimizer state (momentum stays float32), so it
+can change between resumes too.
 
 The schedule is shared: both learning rates follow the same multiplier, linear warmup, an optional
 plateau, then cosine (or linear for warmup-stable-decay) to `min_lr_ratio`. `restart_schedule`
@@ -43,6 +52,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax.contrib import MuonDimensionNumbers, MuonState, scale_by_muon
 
@@ -62,6 +72,9 @@ class OptimConfig:
     lr: float = 6e-4  # AdamW peak learning rate (embeddings, LayerNorms, biases; everything with "adamw")
     muon_lr: float = 0.02  # Muon peak learning rate (hidden matrices)
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
+    muon_momentum_rule: Literal["optax", "torch"] = "optax"  # Nesterov step: "optax" bias-corrects it
+    # (optax.contrib.scale_by_muon); "torch" does not (torch.optim.Muon, Keller Jordan's Muon; the fgpt presets).
+    # Same optimizer state either way: a run may switch on resume
     ns_steps: int = 5  # Newton-Schulz iterations
     muon_weight_decay: float = 0.0  # decoupled weight decay on Muon matrices (multiplied by muon_lr)
     beta1: float = 0.9  # AdamW first-moment decay
@@ -70,7 +83,8 @@ class OptimConfig:
     weight_decay: float = 0.1  # AdamW decoupled weight decay (multiplied by lr)
     weight_decay_on: Literal["matrices", "all"] = "matrices"  # AdamW decay on matrices only (build-nanogpt) or on every
     # AdamW parameter (FGPT, torch)
-    ns_dtype: Literal["float32", "bfloat16"] = "float32"  # Newton-Schulz compute dtype (momentum stays float32)
+    ns_dtype: Literal["float32", "bfloat16"] = "float32"  # Newton-Schulz compute dtype; "bfloat16" repeats
+    # torch.optim.Muon's bf16 iteration (the fgpt presets). Momentum stays float32: a run may switch on resume
     grad_clip: float = 1.0  # global-norm clipping threshold (0 disables)
     schedule: Literal["cosine", "wsd"] = "cosine"  # decay shape after warmup and plateau: cosine or linear (WSD)
     warmup_steps: int = 715  # linear warmup from 0 to the peak
@@ -85,6 +99,8 @@ class OptimConfig:
             problems.append(f"schedule={self.schedule!r} must be 'cosine' or 'wsd'")
         if self.weight_decay_on not in ("matrices", "all"):
             problems.append(f"weight_decay_on={self.weight_decay_on!r} must be 'matrices' or 'all'")
+        if self.muon_momentum_rule not in ("optax", "torch"):
+            problems.append(f"muon_momentum_rule={self.muon_momentum_rule!r} must be 'optax' or 'torch'")
         if self.ns_dtype not in ("float32", "bfloat16"):
             problems.append(f"ns_dtype={self.ns_dtype!r} must be 'float32' or 'bfloat16'")
         for f in ("lr", "muon_lr"):  # `not x > 0` also refuses nan
@@ -160,47 +176,80 @@ def _matrices(params):
 
 
 def newton_schulz_bf16(x: jax.Array, steps: int, eps: float = 1e-7) -> jax.Array:
-    """The quintic Newton-Schulz iteration on bf16 operands with float32 accumulation, rounded to bf16
-    after each matmul: what torch.optim.Muon's `_zeropower_via_newtonschulz` computes on a GPU.
-    (optax's iteration on bf16 inputs lets XLA accumulate in bf16 on some backends: 3-4x less accurate.)"""
+    """torch.optim.Muon's `_zeropower_via_newtonschulz`, operation by operation: every tensor bf16,
+    each matmul accumulated in float32 and rounded to bf16 once, together with the term `addmm` adds
+    to it (torch's addmm, like cuBLAS's epilogue, rounds alpha * A @ B + beta * C once), and the
+    Frobenius norm rounded to bf16 before the division, as torch's bf16 `norm()` returns it. On
+    torch's CPU kernels this gives torch's bits on every non-square test shape (tests/test_optim.py).
+    Written here because optax's iteration on bf16 inputs rounds differently (and lets XLA accumulate
+    in bf16 on some backends: 3-4x less accurate)."""
     a, b, c = NS_COEFFS
     bf16, f32 = jnp.bfloat16, jnp.float32
-    dot = lambda p, q: jnp.dot(p, q, preferred_element_type=f32).astype(bf16)  # noqa: E731
+    mm = lambda p, q: jnp.dot(p, q, preferred_element_type=f32)  # noqa: E731
     X = x.astype(bf16)
-    transposed = X.shape[0] > X.shape[1]  # iterate on the wide orientation: the smaller Gram matrix
+    # torch iterates on its (out, in) weight, our kernel's transpose, or on the kernel itself when
+    # out > in (the wide orientation: the smaller Gram matrix). Square matrices too, as torch does:
+    # X X^T and X^T X round differently.
+    transposed = X.shape[0] >= X.shape[1]
     if transposed:
         X = X.T
-    X = (X.astype(f32) / (jnp.linalg.norm(X.astype(f32)) + eps)).astype(bf16)
+    norm = jnp.linalg.norm(X.astype(f32)).astype(bf16).astype(f32)
+    X = (X.astype(f32) / jnp.maximum(norm, eps)).astype(bf16)
     for _ in range(steps):
-        A = dot(X, X.T)
-        B = (b * A.astype(f32) + c * dot(A, A).astype(f32)).astype(bf16)
-        X = (a * X.astype(f32) + dot(B, X).astype(f32)).astype(bf16)
+        A = mm(X, X.T).astype(bf16)
+        B = (b * A.astype(f32) + c * mm(A, A)).astype(bf16)  # torch.addmm(A, A, A, beta=b, alpha=c)
+        X = (a * X.astype(f32) + mm(B, X)).astype(bf16)  # torch.addmm(X, B, X, beta=a)
     return (X.T if transposed else X).astype(f32)
 
 
-def scale_by_muon_bf16(ns_steps: int, beta: float, weight_dimension_numbers) -> optax.GradientTransformation:
-    """optax's Nesterov `scale_by_muon` with the Newton-Schulz iteration in bf16 (half the matmul cost
-    on tensor cores) and the momentum in float32. Same state (MuonState) as optax's, so a run can
-    switch between the two on resume."""
+def _lerp(start: jax.Array, end: jax.Array, weight: float) -> jax.Array:
+    """start + weight * (end - start) in float32 as torch's `lerp` computes it (ATen's formula, which
+    switches form at weight 0.5 for accuracy), so the momentum buffer has torch's bits, not just its
+    value: a last-bit difference can round a bf16 Newton-Schulz input the other way."""
+    w = np.float32(weight)
+    if w < 0.5:
+        return start + w * (end - start)
+    return end - (end - start) * (np.float32(1) - w)
+
+
+def scale_by_muon_momentum(
+    ns_steps: int, beta: float, rule: Literal["optax", "torch"], ns_dtype: Literal["float32", "bfloat16"]
+) -> optax.GradientTransformation:
+    """Muon's momentum and Newton-Schulz step (see the module docstring), with optax's `MuonState`
+    whatever the rule or dtype, so the state restores across either setting. The optax rule in
+    float32 is optax's own `scale_by_muon`."""
     base = scale_by_muon(
-        ns_coeffs=NS_COEFFS,
-        ns_steps=ns_steps,
-        beta=beta,
-        nesterov=True,
-        weight_dimension_numbers=weight_dimension_numbers,
+        ns_coeffs=NS_COEFFS, ns_steps=ns_steps, beta=beta, nesterov=True, weight_dimension_numbers=_kernel_dims
     )
+    if rule == "optax" and ns_dtype == "float32":
+        return base
+
+    # optax's float32 iteration alone: with beta 0 and no Nesterov its momentum is the input itself
+    # (optax exports the iteration only inside scale_by_muon).
+    ns_f32 = scale_by_muon(
+        ns_coeffs=NS_COEFFS, ns_steps=ns_steps, beta=0.0, nesterov=False, weight_dimension_numbers=_kernel_dims
+    )
+
+    def orthogonalize(tree):
+        if ns_dtype == "bfloat16":
+            return jax.tree.map(lambda x: newton_schulz_bf16(x, ns_steps), tree)
+        return ns_f32.update(tree, ns_f32.init(tree))[0]
 
     def update(updates, state, params=None):
         del params
-        mu = optax.tree.update_moment(updates, state.mu, beta, 1)
         count = optax.safe_increment(state.count)
-        mu_hat = jax.tree.map(
-            lambda m, g: beta * m + (1 - beta) * g,
-            optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
-            optax.tree.bias_correction(updates, beta, count),
-        )
+        if rule == "torch":  # buf.lerp_(grad, 1 - b); update = grad.lerp(buf, b): torch's very roundings
+            mu = jax.tree.map(lambda m, g: _lerp(m, g, 1 - beta), state.mu, updates)
+            nesterov = jax.tree.map(lambda m, g: _lerp(g, m, beta), mu, updates)
+        else:
+            mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+            nesterov = jax.tree.map(
+                lambda m, g: beta * m + (1 - beta) * g,
+                optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
+                optax.tree.bias_correction(updates, beta, count),
+            )
         return (
-            jax.tree.map(lambda x: newton_schulz_bf16(x, ns_steps), mu_hat),
+            orthogonalize(nesterov),
             MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs),
         )
 
@@ -219,16 +268,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     if cfg.name == "adamw":
         inner = adamw
     else:
-        if cfg.ns_dtype == "float32":
-            core = scale_by_muon(
-                ns_coeffs=NS_COEFFS,
-                ns_steps=cfg.ns_steps,
-                beta=cfg.muon_momentum,
-                nesterov=True,
-                weight_dimension_numbers=_kernel_dims,
-            )
-        else:
-            core = scale_by_muon_bf16(cfg.ns_steps, cfg.muon_momentum, _kernel_dims)
+        core = scale_by_muon_momentum(cfg.ns_steps, cfg.muon_momentum, cfg.muon_momentum_rule, cfg.ns_dtype)
         muon = optax.chain(
             core,
             scale_by_shape(),

@@ -17,6 +17,7 @@ import os
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -54,10 +55,15 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
 
 
 def leaf_sharding(x, mesh: Mesh, strategy: Literal["dp", "fsdp"]) -> NamedSharding:
-    """Replicated ("dp"), or split along the largest dimension the device count divides ("fsdp")."""
+    """Replicated ("dp"), or split along the largest dimension the device count divides ("fsdp").
+
+    FSDP splits floating-point arrays only (parameters, moments): the integer leaves are counters and
+    the PRNG key data, a few bytes, and key data must stay whole (jax refuses a key whose uint32[2]
+    is split, which on 2 devices crashed the first `fold_in`)."""
     n = mesh.shape[AXIS]
     shape = getattr(x, "shape", ())
-    if strategy == "fsdp" and n > 1 and len(shape) > 0:
+    floating = jnp.issubdtype(getattr(x, "dtype", jnp.float32), jnp.floating)
+    if strategy == "fsdp" and n > 1 and len(shape) > 0 and floating:
         for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
             if shape[axis] % n == 0:
                 spec = [None] * len(shape)

@@ -36,13 +36,15 @@ from fgpt_jax.errors import UserError
 from fgpt_jax.eval.dpo import Reference, dpo_eval_step
 from fgpt_jax.loss import make_eval_step
 from fgpt_jax.metrics import Console, MetricsWriter, Throughput, peak_flops
-from fgpt_jax.optim import restart_schedule
+from fgpt_jax.optim import OptimConfig, learning_rates, restart_schedule
 from fgpt_jax.rundir import RunDir
 from fgpt_jax.tokenizer import N_VOCAB
 from fgpt_jax.train import hooks as H
 from fgpt_jax.train.step import Setup, TrainState, build_setup
 
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+# What the learning rate at a step depends on, besides train.steps.
+SCHEDULE_FIELDS = ("lr", "muon_lr", "schedule", "warmup_steps", "plateau_steps", "min_lr_ratio")
 
 
 class TrainingError(UserError, RuntimeError):
@@ -87,6 +89,8 @@ def prepare(
     mesh = shd.make_mesh()
     # 1. checks
     origin = _Origin(check(cfg, run, resume, resume_step, mesh))
+    if note := schedule_change(cfg, run, origin.resume_step):  # read before config.json is rewritten
+        console(note)
     # 2. start point and data
     if cfg.init_from and cfg.init_mode == "warm" and not resume:  # the data continues where init_from's stopped
         origin.warm_step, origin.warm_data = warm_source(cfg)
@@ -351,3 +355,44 @@ def warm_state(cfg: Config, setup, step: int, data_state: dict, loader_identity:
 def rows_read(data_state: dict) -> int:
     """Where a loader with this saved state would read next, as a global row of its stream."""
     return data_state.get("first_row", 0) + int(data_state["step"]) * int(data_state["global_batch_size"])
+
+
+def _schedule(optim: OptimConfig, steps: int) -> str:
+    decay = "cosine" if optim.schedule == "cosine" else "linear decay"
+    plateau = f", plateau {optim.plateau_steps}" if optim.plateau_steps else ""
+    return f"{steps} steps, warmup {optim.warmup_steps}{plateau}, {decay} to {optim.min_lr_ratio:g}x"
+
+
+def _rates(optim: OptimConfig, steps: int, step: int) -> str:
+    return ", ".join(f"{k} {float(v):.2e}" for k, v in learning_rates(optim, steps, step).items())  # as step lines
+
+
+def schedule_change(cfg: Config, run: RunDir, start: int | None) -> str | None:
+    """The console line for a resume that changes the learning-rate schedule (`--resume
+    --config.train.steps=N` extends or shortens a run; a new warmup, floor or peak), or None.
+
+    The schedule is a function of (optim, train.steps) evaluated at the optimizer's step count, so
+    a new length moves the learning rate at once: the line gives the saved and the new schedule, and
+    the rates the next update gets under each. Call it before config.json is rewritten: it reads the
+    saved config to compare."""
+    if start is None:
+        return None
+    saved = run.read_config()
+    old, new = (saved.optim, saved.train.steps), (cfg.optim, cfg.train.steps)
+    same = old[1] == new[1] and all(getattr(old[0], f) == getattr(new[0], f) for f in SCHEDULE_FIELDS)
+    if same:
+        return None
+    what = (
+        f"train.steps {old[1]} -> {new[1]} ({'extended' if new[1] > old[1] else 'shortened'})"
+        if new[1] != old[1]
+        else "optim schedule changed"
+    )
+    if start >= new[1]:
+        return (
+            f"--resume: {what}: checkpoint {start} is already at or past the new end ({new[1]} steps); nothing to train"
+        )
+    return (
+        f"--resume: {what}; the learning-rate schedule is recomputed: was {_schedule(*old)}, now "
+        f"{_schedule(*new)}. Step {start + 1} uses {_rates(*new, start)} "
+        f"(the saved schedule would give {_rates(*old, start)})"
+    )
