@@ -1,8 +1,9 @@
-"""Evaluate a run: `python -m fgpt_jax.eval {val,hellaswag,dpo} --run DIR [...]`.
+"""Evaluate a run: `python -m fgpt_jax.eval {val,hellaswag,dpo,core} --run DIR [...]`.
 
     python -m fgpt_jax.eval val --run DIR [--step N] [--data DIR_OR_FILE] [--max-tokens N] [--batch-size N]
     python -m fgpt_jax.eval hellaswag --run DIR [--step N] [--limit N] [--data FILE] [--batch-size N]
     python -m fgpt_jax.eval dpo --run DIR --ref REF_DIR [--step N] [--ref-step N] [--data FILE] [--limit N]
+    python -m fgpt_jax.eval core --run DIR [--step N] [--data DIR] [--tasks a,b] [--max-per-task N] [--batch-size N]
 
 The result is printed as one JSON object on the last line of stdout and appended, with the step
 evaluated, to RUN/eval.jsonl. Progress bars go to stderr, on a terminal only. Bad input exits 2
@@ -19,6 +20,10 @@ run `--ref`, with the run's dpo.* settings. By default it scores the run's own v
 its micro-batches (a DPO run's val/ metrics, the same numbers when --ref is its init_from); `--data`
 scores every pair of a preference file (its first --limit records) that fits the context, whole:
 no prompt/reply limits, no truncation, so any tool can recompute the numbers.
+
+`core` scores DCLM's CORE metric as nanochat does (fgpt_jax.eval.core), on nanochat's eval bundle
+(downloaded once into $FGPT_JAX_CACHE/core, or `--data DIR`); the per-task table goes to stderr
+and nanochat's CSV to RUN/core_<step>.csv.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from fgpt_jax.errors import UserError
 
 def _parser() -> cli.Parser:
     p = cli.Parser(prog="python -m fgpt_jax.eval", description="Evaluate a run directory's checkpoint.")
-    sub = p.add_subparsers(dest="task", required=True, metavar="{val,hellaswag,dpo}", parser_class=cli.Parser)
+    sub = p.add_subparsers(dest="task", required=True, metavar="{val,hellaswag,dpo,core}", parser_class=cli.Parser)
     common = cli.Parser(add_help=False)
     common.add_argument(
         "--run", type=Path, required=True, metavar="DIR", help="run directory (config.json + checkpoints/)"
@@ -113,7 +118,38 @@ def _parser() -> cli.Parser:
         metavar="N",
         help="pairs per device call (default: the run's micro-batch, as in training)",
     )
+    _add_core_parser(sub, common)
     return p
+
+
+def _add_core_parser(sub, common: cli.Parser) -> None:
+    c = sub.add_parser("core", parents=[common], help="DCLM's CORE metric (22 in-context tasks), as nanochat scores it")
+    c.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="an eval bundle directory (core.yaml, eval_meta_data.csv, eval_data/) (default: nanochat's "
+        "eval_bundle.zip, downloaded once into $FGPT_JAX_CACHE/core)",
+    )
+    c.add_argument(
+        "--tasks",
+        type=lambda s: [t.strip() for t in s.split(",") if t.strip()] or None,
+        metavar="A,B,...",
+        help="score only these task labels (default: every task of core.yaml)",
+    )
+    c.add_argument(
+        "--max-per-task",
+        type=cli.positive_int,
+        metavar="N",
+        help="the first N items of each task after nanochat's shuffle (default: all)",
+    )
+    c.add_argument(
+        "--batch-size",
+        type=cli.positive_int,
+        default=64,
+        metavar="N",
+        help="prompts per device call (default 64; rounded up to a multiple of the devices)",
+    )
 
 
 def _load(run: Path, step: int | None):
@@ -300,6 +336,77 @@ def run_hellaswag(
     }
 
 
+def run_core(
+    run: Path,
+    step: int | None,
+    data: Path | None,
+    tasks: list[str] | None,
+    max_per_task: int | None,
+    batch_size: int,
+    progress: bool,
+) -> dict:
+    import jax
+    from tqdm import tqdm
+
+    from fgpt_jax.data.core import CoreError, download_bundle, load_items, read_bundle
+    from fgpt_jax.eval.core import CoreEvaluator, format_csv, format_table
+    from fgpt_jax.rundir import RunDir
+
+    cfg = RunDir(run).read_config()
+    main_process = jax.process_index() == 0
+    if data is None:
+        bar = tqdm(desc="eval_bundle.zip", unit="B", unit_scale=True, file=sys.stderr, disable=not main_process)
+
+        def fetched(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        with bar:
+            data = download_bundle(progress=fetched)
+    bundle = read_bundle(data)
+    chosen = bundle.select(tasks)
+    missing = chosen.missing()
+    present = [t for t in chosen.tasks if t not in missing]
+    if not present:
+        raise CoreError(f"--data {data}: no data file for {', '.join(f'{t.label} ({t.path})' for t in missing)}")
+    # Every item is read, checked, rendered and tokenised before the model loads.
+    loaded = [(t, load_items(t, max_per_task)) for t in present]
+    t0 = time.perf_counter()
+    evaluator = CoreEvaluator(
+        loaded,
+        cfg.model.block_size,
+        batch_size,
+        n_total=len(bundle.tasks),
+        missing=[t.label for t in missing],
+        max_per_task=max_per_task,
+    )
+    prepare = time.perf_counter() - t0
+    if missing and main_process:  # said once every check has passed, so a refused run prints one line
+        names = ", ".join(f"{t.label} ({t.path})" for t in missing)
+        print(f"note: {len(missing)} task file(s) missing, not scored: {names}", file=sys.stderr)
+    graphdef, params, cfg, step = _load(run, step)
+    show = progress and main_process and sys.stderr.isatty()
+    with tqdm(total=evaluator.n_batches, desc="core", unit="batch", file=sys.stderr, disable=not show) as bar:
+        t0 = time.perf_counter()
+        result = evaluator(graphdef, params, bar.update, bar.set_postfix_str)
+        seconds = time.perf_counter() - t0
+    record = {
+        "step": step,
+        **result,
+        "data": str(data),
+        "seconds": round(seconds, 3),
+        "prepare_seconds": round(prepare, 3),
+    }
+    if main_process:
+        print(format_table(result), file=sys.stderr)
+        path = Path(run) / f"core_{step if step is not None else 0:06d}.csv"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(format_csv(result), encoding="utf-8")
+        tmp.replace(path)  # atomic: a reader sees the old CSV or the whole new one
+        record["csv"] = str(path)
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
 
@@ -313,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == "hellaswag":
             record = run_hellaswag(
                 args.run, args.step, args.data, args.limit, args.batch_size, args.preprocess, not args.no_progress
+            )
+        elif args.task == "core":
+            record = run_core(
+                args.run, args.step, args.data, args.tasks, args.max_per_task, args.batch_size, not args.no_progress
             )
         elif args.task == "dpo":
             record = run_dpo(

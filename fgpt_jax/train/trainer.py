@@ -182,12 +182,14 @@ class Trainer:
         )
         self.val = val_hook(t.eval_every, eval_step, data.val, self.mesh) if data.val else None
         scorer = self._hellaswag_scorer(micro)
+        core = H.Core.from_config(t, cfg.model.block_size, self.setup.graphdef, self.mesh, micro, self.console)
 
         # Every check has passed: from here on the run directory is written.
         if start is not None and start != run.checkpoint_steps()[-1]:
             self._set_aside_after(start)
         self.checkpoints = Checkpoints(run.checkpoints, keep_last=t.keep_checkpoints)
         self.hooks = self._hooks(scorer)
+        self.hooks[-1:-1] = [core] if core is not None else []  # after HellaSwag, before the text sample
         if self.is_main:
             run.write_config(cfg)
             self.console.start()
