@@ -386,6 +386,7 @@ def section_run(c) -> None:
             f"train.eval_every={max(a.run_steps // 3, 1)}",
             f"train.ckpt_every={max(a.run_steps // 3, 1)}",
             "train.hellaswag_every=0",
+            "train.core_every=0",  # the preset's CORE would download nanochat's bundle at the end
             "train.sample_every=0",
             "data.val_windows=128",
             f"optim.warmup_steps={max(a.run_steps // 10, 1)}",

@@ -326,6 +326,7 @@ def test_centered_and_core_arithmetic(evaluator, run):
     assert (
         ecore.core_label(22) == "CORE"
         and ecore.core_label(20) == "CORE over 20 of 22 tasks (not comparable with the leaderboard)"
+        and ecore.core_label(4, 4) == "CORE over 4 of 4 tasks (not comparable with the leaderboard)"
     )
     # One program per (bucket, K) in use, K from scoring.gathered_k's grid: a few per bucket for all
     # tasks together (here one bucket, 64 tokens), and none added by a second call.

@@ -99,7 +99,8 @@ def centered(accuracy: float, baseline_percent: float) -> float:
 
 
 def core_label(n_scored: int, n_total: int = N_CORE_TASKS) -> str:
-    if n_scored == n_total:
+    """"CORE" for all 22 of CORE's tasks, else what was scored and that it does not compare."""
+    if n_scored == n_total == N_CORE_TASKS:
         return "CORE"
     return f"CORE over {n_scored} of {n_total} tasks (not comparable with the leaderboard)"
 
@@ -297,7 +298,7 @@ class CoreEvaluator:
             "core": core,
             "n_tasks": len(per_task),
             "label": core_label(len(per_task), self.n_total),
-            "comparable": len(per_task) == self.n_total and self.max_per_task is None,
+            "comparable": len(per_task) == self.n_total == N_CORE_TASKS and self.max_per_task is None,
             "missing": self.missing,
             "max_per_task": self.max_per_task,
             "block_size": self.block_size,
