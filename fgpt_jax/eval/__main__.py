@@ -391,6 +391,7 @@ def run_core(
         result = evaluator(graphdef, params, bar.update, bar.set_postfix_str)
         seconds = time.perf_counter() - t0
     record = {
+        "task": "core",
         "step": step,
         **result,
         "data": str(data),

@@ -12,6 +12,8 @@ Per task, with its items already shuffled and cut (fgpt_jax.data.core.load_items
     schema             one prompt per context option: `option + delimiter + continuation`
     language_modeling  `context.strip() + delimiter + continuation`, and the same without the
                        continuation, whole-stripped (`.strip()`), which must tokenise as its prefix
+  They are plain string joins here rather than jinja2 (not a dependency): with whitespace control
+  the templates reduce to these; the tests render nanochat's templates and compare byte for byte.
 - Tokens: `<|endoftext|>` (GPT-2's BOS, `tokenizer.eot_id`) + `encode(prompt)`. The scored part
   starts at the common token prefix of the choices (multiple choice), at the common suffix of the
   options (schema), after the prompt without continuation (language modelling), and runs to the end.
@@ -99,7 +101,7 @@ def centered(accuracy: float, baseline_percent: float) -> float:
 
 
 def core_label(n_scored: int, n_total: int = N_CORE_TASKS) -> str:
-    """"CORE" for all 22 of CORE's tasks, else what was scored and that it does not compare."""
+    """ "CORE" for all 22 of CORE's tasks, else what was scored and that it does not compare."""
     if n_scored == n_total == N_CORE_TASKS:
         return "CORE"
     return f"CORE over {n_scored} of {n_total} tasks (not comparable with the leaderboard)"
