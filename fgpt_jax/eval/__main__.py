@@ -336,15 +336,8 @@ def run_hellaswag(
     }
 
 
-def run_core(
-    run: Path,
-    step: int | None,
-    data: Path | None,
-    tasks: list[str] | None,
-    max_per_task: int | None,
-    batch_size: int,
-    progress: bool,
-) -> dict:
+def run_core(args) -> dict:
+    """`eval core`: args.run, .step, .data, .tasks, .max_per_task, .batch_size, .no_progress."""
     import jax
     from tqdm import tqdm
 
@@ -352,10 +345,12 @@ def run_core(
     from fgpt_jax.eval.core import CoreEvaluator, format_csv, format_table
     from fgpt_jax.rundir import RunDir
 
+    run, step, data, max_per_task = args.run, args.step, args.data, args.max_per_task
     cfg = RunDir(run).read_config()
     main_process = jax.process_index() == 0
+    show = not args.no_progress and main_process and sys.stderr.isatty()
     if data is None:
-        bar = tqdm(desc="eval_bundle.zip", unit="B", unit_scale=True, file=sys.stderr, disable=not main_process)
+        bar = tqdm(desc="eval_bundle.zip", unit="B", unit_scale=True, file=sys.stderr, disable=not show)
 
         def fetched(done, total):
             bar.total = total
@@ -364,7 +359,7 @@ def run_core(
         with bar:
             data = download_bundle(progress=fetched)
     bundle = read_bundle(data)
-    chosen = bundle.select(tasks)
+    chosen = bundle.select(args.tasks)
     missing = chosen.missing()
     present = [t for t in chosen.tasks if t not in missing]
     if not present:
@@ -375,7 +370,7 @@ def run_core(
     evaluator = CoreEvaluator(
         loaded,
         cfg.model.block_size,
-        batch_size,
+        args.batch_size,
         n_total=len(bundle.tasks),
         missing=[t.label for t in missing],
         max_per_task=max_per_task,
@@ -385,7 +380,6 @@ def run_core(
         names = ", ".join(f"{t.label} ({t.path})" for t in missing)
         print(f"note: {len(missing)} task file(s) missing, not scored: {names}", file=sys.stderr)
     graphdef, params, cfg, step = _load(run, step)
-    show = progress and main_process and sys.stderr.isatty()
     with tqdm(total=evaluator.n_batches, desc="core", unit="batch", file=sys.stderr, disable=not show) as bar:
         t0 = time.perf_counter()
         result = evaluator(graphdef, params, bar.update, bar.set_postfix_str)
@@ -423,9 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.run, args.step, args.data, args.limit, args.batch_size, args.preprocess, not args.no_progress
             )
         elif args.task == "core":
-            record = run_core(
-                args.run, args.step, args.data, args.tasks, args.max_per_task, args.batch_size, not args.no_progress
-            )
+            record = run_core(args)
         elif args.task == "dpo":
             record = run_dpo(
                 args.run,
