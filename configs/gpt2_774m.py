@@ -23,5 +23,10 @@ def get_config() -> Config:
             ckpt_every=1000,
             sample_every=1000,
             hellaswag_every=1000,
+            # nanochat's CORE on 500 items per task (its base_train setting) every 1000 steps: 2.0e16 forward
+            # FLOPs per eval (scripts/bench_core.py --layout-only), 50-100 s on one H100 at 40-20% of its bf16
+            # peak (an estimate, not measured), about 0.6% of the training compute between two evals.
+            core_every=1000,
+            core_max_per_task=500,
         ),
     )

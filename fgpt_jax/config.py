@@ -57,6 +57,9 @@ class TrainConfig:
     hellaswag_every: int = 0  # HellaSwag accuracy every N steps and at the end (0: never)
     hellaswag_data: str = ""  # HellaSwag file (jsonl or llama.cpp .txt[.bz2]); "": official val jsonl, cached
     hellaswag_limit: int = 0  # score the first N items (0: all 10,042)
+    core_every: int = 0  # CORE metric (nanochat's, fgpt_jax.eval.core) every N steps and at the end (0: never)
+    core_data: str = ""  # CORE eval bundle directory; "": nanochat's eval_bundle.zip, downloaded once into the cache
+    core_max_per_task: int = 0  # CORE items per task after nanochat's shuffle (0: all; nanochat's base_train: 500)
 
     def __post_init__(self):
         problems = [
@@ -66,7 +69,16 @@ class TrainConfig:
         ]
         problems += [
             f"{k}={getattr(self, k)} must be >= 0"
-            for k in ("seq_len", "eval_every", "ckpt_every", "sample_every", "hellaswag_every", "hellaswag_limit")
+            for k in (
+                "seq_len",
+                "eval_every",
+                "ckpt_every",
+                "sample_every",
+                "hellaswag_every",
+                "hellaswag_limit",
+                "core_every",
+                "core_max_per_task",
+            )
             if getattr(self, k) < 0
         ]
         if self.batch_size > 0 and self.grad_accum > 0 and self.batch_size % self.grad_accum:

@@ -14,6 +14,7 @@ dataclasses of model.py, optim.py and data/ raise it and cannot import config.py
       DataError        fgpt_jax.data.sources: documents, records, data files, loader state
       ShardError       fgpt_jax.data.shards: shard directories and manifests
       HellaSwagError   fgpt_jax.data.hellaswag: HellaSwag files
+      CoreError        fgpt_jax.data.core: CORE eval bundles (core.yaml, eval_meta_data.csv, task files)
       RunDirError      fgpt_jax.rundir: run directories and their lock
       CheckpointError  fgpt_jax.checkpoint: checkpoints
       TrainingError    fgpt_jax.train.start: a run that cannot start or go on

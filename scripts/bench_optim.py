@@ -67,6 +67,7 @@ def main(argv=None) -> int:
         f"train.eval_every={args.eval_every}",
         "train.ckpt_every=0",
         "train.sample_every=0",
+        "train.core_every=0",  # a preset's CORE would download nanochat's bundle and cost time off the curves
         "train.log_every=50",
         f"optim.warmup_steps={max(1, args.steps // 20)}",
     ]

@@ -9,7 +9,9 @@ Modules, in the order data flows through them:
   pipeline       from a DataConfig to the training loader and validation batches
   conversations  instruction data: Alpaca/messages records -> rendered, filtered, split, packed rows
   preferences    preference pairs (DPO): chosen/rejected replies -> rendered, filtered, split row pairs
+  download       checked, atomic, resumable downloads into the cache
   hellaswag      HellaSwag items (official jsonl, checked download; llama.cpp's text format)
+  core           CORE's eval bundle (nanochat's core.yaml, eval_meta_data.csv, task files; its download)
 CLI: `python -m fgpt_jax.data --help`.
 
 This file holds the stage's shared nouns, which every module above may import (and which import

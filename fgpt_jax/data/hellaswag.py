@@ -5,8 +5,8 @@ Two on-disk formats, read transparently from plain, .gz or .bz2 files:
 - The original `rowanz/hellaswag` jsonl (`hellaswag_val.jsonl`): one JSON object per line with
   `ind, activity_label, ctx_a, ctx_b, ctx, endings (4), label, split, split_type, source_id`.
   `download("val")` fetches it from its official URL into `$FGPT_JAX_CACHE/hellaswag/` (default
-  ~/.cache/fgpt_jax) through a temp file + rename, and checks its git blob id, so a truncated or
-  foreign file is never used.
+  ~/.cache/fgpt_jax) through fgpt_jax.data.download (a resumable .part file + rename) and checks its
+  git blob id, so a truncated or foreign file is never used.
 - llama.cpp's `--hellaswag` text file (klosax/hellaswag_text_data): 6 lines per item,
   `activity_label: ctx`, the label, then the 4 endings. It is already preprocessed.
 
@@ -26,14 +26,12 @@ import bz2
 import gzip
 import hashlib
 import json
-import os
 import re
-import tempfile
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fgpt_jax.data import cache_root
+from fgpt_jax.data.download import fetch as checked_fetch
 from fgpt_jax.errors import UserError
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -78,29 +76,16 @@ def git_blob_id(data: bytes) -> str:
 
 
 def fetch(url: str, dest: str | Path, blob_id: str, timeout: float = 60.0) -> Path:
-    """Download `url` to `dest` atomically, refusing content whose git blob id does not start with `blob_id`."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            data = r.read()
-    except OSError as e:
-        raise HellaSwagError(f"{url}: download failed ({e}); pass --data FILE with a local copy") from e
-    got = git_blob_id(data)
-    if not got.startswith(blob_id):
-        raise HellaSwagError(f"{url}: downloaded {len(data)} bytes with git blob id {got}, expected {blob_id}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)  # atomic: readers see the old file or the whole new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return dest
+    """Download `url` to `dest` (checked, atomic, resumable: fgpt_jax.data.download), refusing content
+    whose git blob id does not start with `blob_id`."""
+
+    def check(part: Path) -> None:
+        data = part.read_bytes()
+        got = git_blob_id(data)
+        if not got.startswith(blob_id):
+            raise HellaSwagError(f"{url}: downloaded {len(data)} bytes with git blob id {got}, expected {blob_id}")
+
+    return checked_fetch(url, dest, check, error=HellaSwagError, timeout=timeout)
 
 
 def download(split: str = "val", url: str | None = None) -> Path:

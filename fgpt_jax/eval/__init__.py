@@ -13,6 +13,7 @@ loads, calls one of them and prints. The modules:
   scoring     the batched, jitted, sharded span scorer every likelihood evaluation shares
   perplexity  validation loss, perplexity and bits per byte (the trainer's val/* too)
   hellaswag   HellaSwag accuracy (acc, acc_norm, acc_token_avg)
+  core        nanochat's CORE metric (22 in-context tasks), item for item, batched
   dpo         DPO metrics over preference pairs, and the reference log-probabilities a DPO run keeps
   harness     lm-evaluation-harness in process: the model as an lm-eval TemplateLM (the optional [eval] extra)
   harness_tasks  its task names, --include-path and result files, checked before anything runs
@@ -39,6 +40,7 @@ _LAZY = {
     "HellaSwagScorer": "fgpt_jax.eval.hellaswag",
     "evaluate_dpo": "fgpt_jax.eval.dpo",
     "preference_batches": "fgpt_jax.eval.dpo",
+    "evaluate_core": "fgpt_jax.eval.core",
     "evaluate_harness": "fgpt_jax.eval.harness",
     "SpanScorer": "fgpt_jax.eval.scoring",
     "Span": "fgpt_jax.eval.scoring",

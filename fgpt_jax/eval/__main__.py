@@ -1,7 +1,8 @@
-"""Evaluate a run: `python -m fgpt_jax.eval {val,hellaswag,dpo,harness} --run DIR [...]`.
+"""Evaluate a run: `python -m fgpt_jax.eval {val,hellaswag,core,dpo,harness} --run DIR [...]`.
 
     python -m fgpt_jax.eval val --run DIR [--step N] [--data DIR_OR_FILE] [--max-tokens N] [--batch-size N]
     python -m fgpt_jax.eval hellaswag --run DIR [--step N] [--limit N] [--data FILE] [--batch-size N]
+    python -m fgpt_jax.eval core --run DIR [--step N] [--data DIR] [--tasks a,b] [--max-per-task N] [--batch-size N]
     python -m fgpt_jax.eval dpo --run DIR --ref REF_DIR [--step N] [--ref-step N] [--data FILE] [--limit N]
     python -m fgpt_jax.eval harness --run DIR --tasks T[,T...] [--step N] [--include-path DIR] [--num-fewshot K]
         [--limit N] [--batch-size B] [--apply-chat-template] [--output-path DIR] [--log-samples]
@@ -12,10 +13,13 @@ with one line `error: <file or flag>: <what was expected>`.
 
 `val` prints loss, perplexity and bits per byte (`bpb`: nats of the text targets / ln 2 / their UTF-8
 bytes, nanochat's, comparable across vocabularies). It scores, by default, exactly the batches the
-trainer's `val/loss` and `val/bpb` used (the run's data, its
-`data.val_windows` windows, its micro-batch), so it prints the trainer's number; `--data` scores
-any shard directory (or the bundled corpus, or a conversations file for a masked loss) instead,
-for any run: pretrained, fine-tuned or imported.
+trainer's `val/loss` and `val/bpb` used (the run's data, its `data.val_windows` windows, its
+micro-batch), so it prints the trainer's numbers; `--data` scores any shard directory (or the bundled
+corpus, or a conversations file for a masked loss) instead, for any run: pretrained, fine-tuned or
+imported.
+
+Every command here only parses its flags, loads (fgpt_jax.eval.load), calls the library
+(fgpt_jax.eval.evaluate_*) and prints: the evaluations themselves live in fgpt_jax/eval/.
 
 `dpo` prints the DPO metrics (dpo/loss, rewards/chosen, rewards/rejected, rewards/margin,
 rewards/accuracy, logps/chosen, logps/rejected; means over pairs) of the run against the reference
@@ -23,6 +27,10 @@ run `--ref`, with the run's dpo.* settings. By default it scores the run's own v
 its micro-batches (a DPO run's val/ metrics, the same numbers when --ref is its init_from); `--data`
 scores every pair of a preference file (its first --limit records) that fits the context, whole:
 no prompt/reply limits, no truncation, so any tool can recompute the numbers.
+
+`core` scores DCLM's CORE metric as nanochat does (fgpt_jax.eval.core), on nanochat's eval bundle
+(downloaded once into $FGPT_JAX_CACHE/core, or `--data DIR`); the per-task table goes to stderr
+and nanochat's CSV to RUN/core_<step>.csv.
 
 `harness` runs lm-evaluation-harness tasks on the run's model in process (fgpt_jax.eval.harness;
 the optional extra `pip install "fgpt-jax[eval]"`); its JSON line's "results" is lm-eval's results
@@ -45,7 +53,9 @@ from fgpt_jax.errors import UserError
 
 def _parser() -> cli.Parser:
     p = cli.Parser(prog="python -m fgpt_jax.eval", description="Evaluate a run directory's checkpoint.")
-    sub = p.add_subparsers(dest="task", required=True, metavar="{val,hellaswag,dpo,harness}", parser_class=cli.Parser)
+    sub = p.add_subparsers(
+        dest="task", required=True, metavar="{val,hellaswag,core,dpo,harness}", parser_class=cli.Parser
+    )
     common = cli.Parser(add_help=False)
     common.add_argument(
         "--run", type=Path, required=True, metavar="DIR", help="run directory (config.json + checkpoints/)"
@@ -122,8 +132,39 @@ def _parser() -> cli.Parser:
         metavar="N",
         help="pairs per device call (default: the run's micro-batch, as in training)",
     )
+    _add_core_parser(sub, common)
     _harness_parser(sub, common)
     return p
+
+
+def _add_core_parser(sub, common: cli.Parser) -> None:
+    c = sub.add_parser("core", parents=[common], help="DCLM's CORE metric (22 in-context tasks), as nanochat scores it")
+    c.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="an eval bundle directory (core.yaml, eval_meta_data.csv, eval_data/) (default: nanochat's "
+        "eval_bundle.zip, downloaded once into $FGPT_JAX_CACHE/core)",
+    )
+    c.add_argument(
+        "--tasks",
+        type=lambda s: [t.strip() for t in s.split(",") if t.strip()] or None,
+        metavar="A,B,...",
+        help="score only these task labels (default: every task of core.yaml)",
+    )
+    c.add_argument(
+        "--max-per-task",
+        type=cli.positive_int,
+        metavar="N",
+        help="the first N items of each task after nanochat's shuffle (default: all)",
+    )
+    c.add_argument(
+        "--batch-size",
+        type=cli.positive_int,
+        default=64,
+        metavar="N",
+        help="prompts per device call (default 64; rounded up to a multiple of the devices)",
+    )
 
 
 def _harness_parser(sub, common: cli.Parser) -> None:
@@ -230,6 +271,76 @@ def run_hellaswag(args) -> dict:
     return {"task": "hellaswag", "step": model.step, **m, "data": data, "preprocess": args.preprocess}
 
 
+def run_core(args) -> dict:
+    """`eval core`: args.run, .step, .data, .tasks, .max_per_task, .batch_size, .no_progress."""
+    import jax
+    from tqdm import tqdm
+
+    from fgpt_jax import eval as ev
+    from fgpt_jax import sharding as shd
+    from fgpt_jax.data.core import CoreError, download_bundle, load_items, read_bundle
+    from fgpt_jax.eval.core import CoreEvaluator, format_csv, format_table
+    from fgpt_jax.rundir import RunDir
+
+    run, step, data, max_per_task = args.run, args.step, args.data, args.max_per_task
+    cfg = RunDir(run).read_config()
+    main_process = jax.process_index() == 0
+    show = not args.no_progress and main_process and sys.stderr.isatty()
+    if data is None:
+        bar = tqdm(desc="eval_bundle.zip", unit="B", unit_scale=True, file=sys.stderr, disable=not show)
+
+        def fetched(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        with bar:
+            data = download_bundle(progress=fetched)
+    bundle = read_bundle(data)
+    chosen = bundle.select(args.tasks)
+    missing = chosen.missing()
+    present = [t for t in chosen.tasks if t not in missing]
+    if not present:
+        raise CoreError(f"--data {data}: no data file for {', '.join(f'{t.label} ({t.path})' for t in missing)}")
+    # Every item is read, checked, rendered and tokenised before the model loads.
+    loaded = [(t, load_items(t, max_per_task)) for t in present]
+    t0 = time.perf_counter()
+    evaluator = CoreEvaluator(
+        loaded,
+        cfg.model.block_size,
+        args.batch_size,
+        mesh=shd.make_mesh(),
+        n_total=len(bundle.tasks),
+        missing=[t.label for t in missing],
+        max_per_task=max_per_task,
+    )
+    prepare = time.perf_counter() - t0
+    if missing and main_process:  # said once every check has passed, so a refused run prints one line
+        names = ", ".join(f"{t.label} ({t.path})" for t in missing)
+        print(f"note: {len(missing)} task file(s) missing, not scored: {names}", file=sys.stderr)
+    model = ev.load(run, step)
+    step = model.step
+    with tqdm(total=evaluator.n_batches, desc="core", unit="batch", file=sys.stderr, disable=not show) as bar:
+        t0 = time.perf_counter()
+        result = evaluator(model.graphdef, model.params, bar.update, bar.set_postfix_str)
+        seconds = time.perf_counter() - t0
+    record = {
+        "task": "core",
+        "step": step,
+        **result,
+        "data": str(data),
+        "seconds": round(seconds, 3),
+        "prepare_seconds": round(prepare, 3),
+    }
+    if main_process:
+        print(format_table(result), file=sys.stderr)
+        path = Path(run) / f"core_{step if step is not None else 0:06d}.csv"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(format_csv(result), encoding="utf-8")
+        tmp.replace(path)  # atomic: a reader sees the old CSV or the whole new one
+        record["csv"] = str(path)
+    return record
+
+
 def run_harness(args) -> dict:
     from fgpt_jax import eval as ev
     from fgpt_jax.rundir import RunDir
@@ -280,7 +391,7 @@ def run_harness(args) -> dict:
     }
 
 
-TASKS = {"val": run_val, "hellaswag": run_hellaswag, "dpo": run_dpo, "harness": run_harness}
+TASKS = {"val": run_val, "hellaswag": run_hellaswag, "core": run_core, "dpo": run_dpo, "harness": run_harness}
 
 
 def main(argv: list[str] | None = None) -> int:

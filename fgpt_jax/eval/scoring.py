@@ -18,9 +18,10 @@ Why this shape of computation:
   batch.
 - The LM head runs on target positions only. The final hidden states of a device's rows are flattened
   and the target positions gathered into a fixed-size list of K positions per device (K: the most
-  targets any device holds in any batch of the bucket, rounded up to a power of two, so different
-  data sets reuse programs), which for short continuations is several times fewer head FLOPs than
-  computing logits at every position, and the [K, V] logits never leave the device.
+  targets any device holds in any batch of the bucket, rounded up to a power of two of at least 1/64
+  of the bucket's positions, `gathered_k`, so different data sets share a few programs per bucket),
+  which for short continuations is many times fewer head FLOPs than computing logits at every
+  position, and the [K, V] logits never leave the device.
 - Sharded over every device by whole rows; with several processes each process passes its own
   devices' rows of every global batch (devices are ordered by process in `make_mesh`, so that is a
   contiguous slice) and the small result is replicated, so every process gets every score.
@@ -55,11 +56,16 @@ def default_buckets(block_size: int, smallest: int = 64) -> tuple[int, ...]:
     return tuple(out + [block_size])
 
 
-def _pow2_at_least(n: int, smallest: int = 8) -> int:
-    b = smallest
-    while b < n:
-        b *= 2
-    return b
+def gathered_k(needed: int, positions: int) -> int:
+    """K, the LM-head rows per device for a bucket whose batches need at most `needed` of their
+    `positions` (rows per device x L): a power of two, at least positions/64 (and 8). The floor
+    keeps the number of programs a bucket can need, whatever data sets it scores (CORE's 20 tasks
+    need from 1 to 120 scored tokens per row), at seven or fewer, for a head that computes under
+    twice the positions it needs, or positions/64 (a small share of the blocks' work)."""
+    k = 8
+    while k < needed or k < positions // 64:
+        k *= 2
+    return min(k, positions)
 
 
 @dataclass(frozen=True)
@@ -202,7 +208,7 @@ class SpanScorer:
                     pos.append(local * L + t - 1)  # the output at t - 1 predicts token t
                     tgt.append(seq[t])
                     row.append(np.full(len(t), r))
-            K = _pow2_at_least(max(sum(map(len, p[0])) for batch in parts for p in batch))
+            K = gathered_k(max(sum(map(len, p[0])) for batch in parts for p in batch), Rd * L)
             arrays = [np.zeros((nb, S, K), np.int32) for _ in range(2)] + [np.full((nb, S, K), -1, np.int32)]
             for k in range(nb):
                 for s in range(S):

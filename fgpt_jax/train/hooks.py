@@ -4,7 +4,7 @@ The trainer runs the hooks that are due after a step, in the order it holds them
 that step's loss and gradient norm have been read and found finite (so nothing reads or saves a
 diverged state). The order is
 
-    ValLoss (PreferenceVal in DPO runs) -> Checkpoint -> HellaSwag -> TextSample
+    ValLoss (PreferenceVal in DPO runs) -> Checkpoint -> HellaSwag -> Core -> TextSample
 
 validation first, so the checkpoint can record the val loss for the best-checkpoint policy; then
 the checkpoint, so the slower and more fragile work (a 10k-item benchmark, generation) never stands
@@ -27,7 +27,9 @@ import jax
 from fgpt_jax import sharding as shd
 from fgpt_jax.checkpoint import Checkpoints
 from fgpt_jax.data import Batch
+from fgpt_jax.data.core import download_bundle, load_items, read_bundle
 from fgpt_jax.data.loader import BatchLoader
+from fgpt_jax.eval.core import CoreEvaluator
 from fgpt_jax.eval.dpo import preference_metrics
 from fgpt_jax.eval.perplexity import evaluate_loss
 from fgpt_jax.inference.generator import Generator
@@ -148,6 +150,48 @@ class HellaSwag(Hook):
             f"acc_token_avg {r['acc_token_avg']:.4f} (n={r['n']})"
         )
         return Result({f"hellaswag/{k}": r[k] for k in self.KEYS}, line)
+
+
+class Core(Hook):
+    """nanochat's CORE metric of the live parameters (fgpt_jax.eval.core): the bundle's tasks are
+    read, tokenised and packed once, when the hook is built (before the run directory is written,
+    so a bad bundle stops the run before it starts), and scored every `train.core_every` steps.
+    Logged as `eval/core` (the mean centered accuracy) and `eval/core/<task>` (each task's centered
+    accuracy), as nanochat's base_train logs core_metric and centered_results."""
+
+    name = "core"
+
+    def __init__(self, every: int, evaluator, graphdef):
+        super().__init__(every)
+        self.evaluator, self.graphdef = evaluator, graphdef
+
+    @classmethod
+    def from_config(cls, t, block_size: int, graphdef, mesh, rows: int, console=print) -> Core | None:
+        """The hook for TrainConfig `t` (None when `t.core_every` is 0)."""
+        if not t.core_every:
+            return None
+        bundle = read_bundle(t.core_data or download_bundle())
+        missing = bundle.missing()
+        if missing:
+            console(f"core: {len(missing)} task file(s) missing, not scored: {', '.join(x.label for x in missing)}")
+        present = [x for x in bundle.tasks if x not in missing]
+        max_items = t.core_max_per_task or None
+        evaluator = CoreEvaluator(
+            [(x, load_items(x, max_items)) for x in present],
+            block_size,
+            rows,
+            mesh=mesh,
+            n_total=len(bundle.tasks),
+            missing=[x.label for x in missing],
+            max_per_task=max_items,
+        )
+        return cls(t.core_every, evaluator, graphdef)
+
+    def __call__(self, step, state, results) -> Result:
+        r = self.evaluator(self.graphdef, state.params)  # on every process: an SPMD computation
+        metrics = {"eval/core": r["core"], **{f"eval/core/{k}": v["centered"] for k, v in r["tasks"].items()}}
+        n = sum(v["n"] for v in r["tasks"].values())
+        return Result(metrics, f"step {step}: {r['label']} {r['core']:.4f} ({r['n_tasks']} tasks, {n} items)")
 
 
 class TextSample(Hook):

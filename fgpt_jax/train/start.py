@@ -99,7 +99,7 @@ def prepare(
     # 3. state and hooks
     setup = build_setup(cfg, mesh)
     state = _initial_state(cfg, run, setup, origin, data)
-    val, evals = _eval_hooks(cfg, setup, data, mesh)
+    val, evals = _eval_hooks(cfg, setup, data, mesh, console)
     # ---- Every check has passed: from here on the run directory is written. ----
     return _open_run(cfg, run, console, mesh, setup, state, origin, data, reference, val, evals + list(hooks))
 
@@ -186,7 +186,7 @@ def _initial_state(cfg: Config, run: RunDir, setup: Setup, origin: _Origin, data
     return setup.init(base)
 
 
-def _eval_hooks(cfg: Config, setup: Setup, data: Data, mesh: Mesh) -> tuple[H.Hook | None, list]:
+def _eval_hooks(cfg: Config, setup: Setup, data: Data, mesh: Mesh, console: Console) -> tuple[H.Hook | None, list]:
     """Step 3's hooks that need no run directory: validation, and the benchmarks' scorers (built now,
     so a bad benchmark file refuses the run before anything is written)."""
     t = cfg.train
@@ -206,6 +206,9 @@ def _eval_hooks(cfg: Config, setup: Setup, data: Data, mesh: Mesh) -> tuple[H.Ho
             mesh=mesh,
         )
         evals.append(H.HellaSwag(t.hellaswag_every, scorer, setup.graphdef))
+    core = H.Core.from_config(t, cfg.model.block_size, setup.graphdef, mesh, micro_batch(cfg), console)
+    if core is not None:  # packs its items once; its notes (missing tasks) go to the log
+        evals.append(core)
     chat = instruction_tuned(cfg)  # chat runs sample answers to fixed questions
     evals.append(H.TextSample(t.sample_every, setup.graphdef, t.sample_prompt, t.sample_tokens, chat=chat))
     return (val if data.val else None), evals

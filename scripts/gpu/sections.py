@@ -388,6 +388,7 @@ def section_run(c) -> None:
         f"train.eval_every={steps}",  # val/loss at the start and at the last step
         f"train.ckpt_every={steps}",
         "train.hellaswag_every=0",
+        "train.core_every=0",  # the preset scores CORE every 1000 steps: the real run has no bundle on the device
         "train.sample_every=0",
         f"data.val_windows={8 if c.smoke else 64}",
         f"data.path={data}",
