@@ -125,7 +125,8 @@ def open_data(
     `batch_size` is the global batch per step; `val_batch_size` the global batch per validation call
     (the trainer's micro-batch); both count pairs for preference data. With `train=False` only the
     validation batches are built. Preference data needs `reference(rows) -> [N] float32`, each row's
-    log-probability under the reference model (fgpt_jax.eval.dpo.Reference)."""
+    log-probability under the reference model (fgpt_jax.eval.dpo.Reference, whose `source`, the model
+    it scores with, the train loader's state records)."""
     if not cfg.path:
         raise DataError(
             "data.path: empty; expected a shard directory, the bundled corpus "
@@ -245,20 +246,21 @@ def _preference(
             f"{s['dropped_empty']} empty, {s['dropped_identical']} identical); raise train.seq_len / "
             f"data.max_*_tokens, set data.truncate=true, or use another source"
         )
-    loader = (
-        PairLoader(
+    loader = None
+    if train:
+        train_logps = reference(pref.train)
+        loader = PairLoader(
             pref.train,
-            reference(pref.train),
+            train_logps,
             batch_size,
             seed=cfg.seed,
             process_index=process_index,
             process_count=process_count,
             prefetch=cfg.prefetch,
             first_row=first_row,
+            # fgpt_jax.eval.dpo.Reference knows its model; the state records it (a plain function does not)
+            reference_source=getattr(reference, "source", None),
         )
-        if train
-        else None
-    )
     val = (
         val_pairs(pref.val, reference(pref.val), val_batch_size, get_tokenizer().eot_id, process_index, process_count)
         if pref.val.num_rows
