@@ -153,6 +153,29 @@ def test_bad_values_exit_2_with_one_line(runs, tmp_path, argv, expected):
     assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), r.stderr[-3000:]
 
 
+@pytest.mark.parametrize(
+    "preset, content, expected",
+    [
+        ("sft", "[]", "{f}: no records in this file"),
+        ("dpo", "", "{f}: no records in this file"),
+        ("sft", '[{"instruction": "caf\xe9", "output": "x"}]', "{f}: line 1: not UTF-8 text"),
+        ("dpo", '[{"prompt": "Q", "chosen": "caf\xe9", "rejected": "B"}]', "{f}: line 1: not UTF-8 text"),
+        ("tiny", "[]", "data.path {f}: a file, but pretraining (data.format=tokens) reads a shard directory"),
+    ],
+)
+def test_train_on_a_bad_data_file_is_one_line(runs, tmp_path, preset, content, expected):
+    """An empty SFT/DPO file said "raise train.seq_len"; a Latin-1 one gave a traceback naming no file;
+    a .json file as pretraining data said "shard directory not found". Nothing is written."""
+    _, chat = runs
+    data = tmp_path / "data.json"
+    data.write_bytes(content.encode("latin-1"))
+    base = [] if preset == "tiny" else [f"--config.init_from={chat}"]
+    r = cli("fgpt_jax.train", "--config", preset, "--run", tmp_path / "run", *base, f"--config.data.path={data}")
+    assert r.returncode == 2 and r.stdout == "", r.stderr[-3000:]
+    assert r.stderr.startswith("error: " + expected.format(f=data)) and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_plot_bad_out_exits_2_with_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 3.0}\n')
     r = cli("fgpt_jax.plot", "--run", tmp_path, "--out", tmp_path / "curves.xyz")
