@@ -93,6 +93,30 @@ def test_chat_on_a_pretrained_run_says_so_once(runs):
     assert r.returncode == 0 and r.stderr == "" and r.stdout.endswith("\n"), r.stderr[-3000:]
 
 
+def test_chat_on_stdin_prints_one_json_line_per_turn(runs):
+    """Not a terminal: each input line is a turn and each answer one JSON line (it was the raw text,
+    spread over as many lines as the answer had), the same answers as a ChatSession in this process."""
+    from fgpt_jax.checkpoint import load_model
+    from fgpt_jax.inference.generator import Generator
+    from fgpt_jax.inference.session import ChatSession
+
+    _, chat = runs
+    sampling = ["--max-new-tokens", "6", "--temperature", "0.9", "--seed", "3"]
+    r = cli("fgpt_jax.chat", "--run", chat, *sampling, stdin="Hi there\n\n/reset\nWhat is 2+2?\n")
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert r.stdout.endswith("\n") and len(lines) == 2, r.stdout
+    turns = [json.loads(line) for line in lines]
+    session = ChatSession(Generator.from_model(load_model(chat)[0]), max_new_tokens=6, temperature=0.9, seed=3)
+    first = "".join(session.reply("Hi there"))
+    session.reset()  # the /reset line
+    second = "".join(session.reply("What is 2+2?"))
+    assert turns == [
+        {"turn": 1, "user": "Hi there", "assistant": first},
+        {"turn": 2, "user": "What is 2+2?", "assistant": second},
+    ]
+
+
 def test_eval_and_export_print_no_library_chatter(runs, tmp_path):
     """orbax/absl warnings ("Given directory is read only", "setting save_interval_steps=0") used to
     appear on every command that reads a checkpoint; a user reads them as errors."""
