@@ -132,6 +132,17 @@ def test_eval_and_export_print_no_library_chatter(runs, tmp_path):
         assert "\r" not in r.stdout + r.stderr  # no progress bar when not on a terminal
 
 
+def test_eval_hellaswag_records_the_preprocessing_done(runs, tmp_path):
+    """llama.cpp's text file was recorded as "preprocess": "harness", a flag that does not apply to it."""
+    base, _ = runs
+    r = cli("fgpt_jax.eval", "hellaswag", "--run", base, "--data", DATA / "hellaswag_val_200.txt", "--limit", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.splitlines()[-1])
+    assert result["preprocess"] == "harness, by the file's producer (llama.cpp text)" and result["n"] == 4
+    saved = [json.loads(line) for line in (base / "eval.jsonl").read_text().splitlines()]
+    assert saved[-1]["preprocess"] == result["preprocess"]
+
+
 BAD = [
     # generate: checked types for every number (--seed past 2^63 was an OverflowError, nan was accepted)
     (["fgpt_jax.generate", "--seed", str(2**64)], "argument --seed: expected an integer in [0, 4294967295]"),

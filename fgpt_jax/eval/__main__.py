@@ -278,7 +278,7 @@ def run_dpo(
 def run_hellaswag(
     run: Path, step: int | None, data: Path | None, limit: int | None, batch_size: int, preprocess: str, progress: bool
 ) -> dict:
-    from fgpt_jax.data.hellaswag import load_examples
+    from fgpt_jax.data.hellaswag import load_examples, preprocessing
     from fgpt_jax.eval.hellaswag import HellaSwagScorer
     from fgpt_jax.rundir import RunDir
 
@@ -295,7 +295,7 @@ def run_hellaswag(
         "step": step,
         **result,
         "data": str(data) if data is not None else "hellaswag_val.jsonl (official)",
-        "preprocess": preprocess,
+        "preprocess": preprocessing(data, preprocess),  # what was done: the flag does not apply to llama.cpp text
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
