@@ -143,6 +143,46 @@ def test_eval_hellaswag_records_the_preprocessing_done(runs, tmp_path):
     assert saved[-1]["preprocess"] == result["preprocess"]
 
 
+def test_train_says_what_it_does_before_the_first_step(tmp_path):
+    """The quickstart sat silent for minutes on a loaded machine: tokenising the bundled corpus on first
+    use (now announced on stderr, before and after) and compiling the eval and train steps (now a line
+    before each, and the train step's compile time after), in that order, before step 1's line."""
+    import os
+
+    env = {**os.environ, "FGPT_JAX_CACHE": str(tmp_path / "empty-cache")}
+    tiny = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "train.steps=2", "train.log_every=1"]
+    r = subprocess.run(
+        [sys.executable, "-m", "fgpt_jax.train", "--run", str(tmp_path / "run"), *[f"--config.{o}" for o in tiny]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    err = r.stderr.splitlines()
+    assert len(err) == 2 and err[0].startswith("tokenising the bundled Tiny Shakespeare into "), r.stderr
+    assert re.fullmatch(r"tokenised the bundled Tiny Shakespeare: [\d,]+ tokens in \d+\.\d s", err[1]), err[1]
+    out = r.stdout.splitlines()
+    where = lambda prefix: next(i for i, line in enumerate(out) if line.startswith(prefix))
+    assert (
+        where("step 0: validation before training (its first call compiles the eval step)...")
+        < where("step 0: val/loss")
+        < where("compiling the train step (first step)...")
+        < where("train step compiled in ")
+        < where("step 1/2")
+    ), r.stdout
+    assert re.fullmatch(r"train step compiled in \d+\.\d s", out[where("train step compiled in ")])
+    # a second run finds the corpus cached: nothing on stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "fgpt_jax.train", "--run", str(tmp_path / "run2"), *[f"--config.{o}" for o in tiny]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+
+
 BAD = [
     # generate: checked types for every number (--seed past 2^63 was an OverflowError, nan was accepted)
     (["fgpt_jax.generate", "--seed", str(2**64)], "argument --seed: expected an integer in [0, 4294967295]"),

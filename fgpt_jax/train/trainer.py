@@ -280,9 +280,15 @@ class Trainer:
                 self.console(f"stopped by signal {stopped} before the first step; nothing to save")
                 return {"stopped_by_signal": stopped}
             if self.start == 0 and self.val is not None and t.eval_every:
+                self.console("step 0: validation before training (its first call compiles the eval step)...")
                 self._report(0, self.val(0, self.state, {}))  # the untrained baseline: curves start at 0
             for step in range(self.start + 1, t.steps + 1):
+                if step == self.start + 1:  # jit compiles at the first call: tens of seconds of silence otherwise
+                    self.console("compiling the train step (first step)...")
+                    t0 = time.perf_counter()
                 self.state, metrics = self.setup.train_step(self.state, self._device_batch(next(self.loader)))
+                if step == self.start + 1:
+                    self.console(f"train step compiled in {time.perf_counter() - t0:.1f} s")
                 if pending is not None:
                     self._finish(*pending)
                 pending = (step, metrics)
