@@ -120,6 +120,9 @@ def test_chat_on_stdin_prints_one_json_line_per_turn(runs):
 def test_eval_and_export_print_no_library_chatter(runs, tmp_path):
     """orbax/absl warnings ("Given directory is read only", "setting save_interval_steps=0") used to
     appear on every command that reads a checkpoint; a user reads them as errors."""
+    from fgpt_jax.data.bundled import corpus_dir
+
+    corpus_dir()  # `eval val` reads the bundled corpus: its one-time tokenising lines are ours, tested elsewhere
     base, _ = runs
     for args in (
         ["fgpt_jax.eval", "val", "--run", base, "--max-tokens", "512"],
