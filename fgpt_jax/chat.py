@@ -4,14 +4,18 @@
                             [--temperature T] [--top-k K] [--top-p P] [--seed S]
 
 A multi-turn REPL (`fgpt_jax.inference.session.ChatSession`). On a terminal: `you>` prompts,
-`/reset` clears the history, `/quit` (or Ctrl-D) leaves. With stdin not a terminal, every line is
-one user turn and each answer is printed on its own line. `--prompt TEXT` answers once and exits.
+`/reset` clears the history, `/quit` (or Ctrl-D) leaves; answers stream as they are generated. With
+stdin not a terminal (a pipe, a file), every non-empty line is one user turn and each answer is one
+JSON line, `{"turn": N, "user": TEXT, "assistant": ANSWER}`: answers hold newlines of their own, so
+raw text could not tell where one ends. `/reset` and `/quit` lines work there too and print nothing.
+`--prompt TEXT` answers once, as plain text, and exits.
 A run that was not instruction-tuned (`fgpt_jax.config.instruction_tuned`: neither SFT nor DPO, so
 pretrained or imported) still answers, after one note on stderr.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             _answer(session, args.prompt)
             return 0
         interactive = sys.stdin.isatty()
+        turns = 0
         if interactive:
             print("Chatting with", args.run, "— /reset clears the history, /quit leaves.")
         while True:
@@ -92,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if interactive:
                 sys.stdout.write("assistant> ")
-            _answer(session, text)
+                _answer(session, text)
+            else:  # one JSON line per turn, written when the answer is complete
+                turns += 1
+                answer = "".join(session.reply(text))
+                print(json.dumps({"turn": turns, "user": text, "assistant": answer}), flush=True)
 
     return cli.run(body)
 

@@ -1,9 +1,12 @@
-"""Training curves of a run in one image: `python -m fgpt_jax.plot --run RUN [--out FILE.png]`.
+"""Training curves of runs in one image: `python -m fgpt_jax.plot --run RUN [--run RUN2 ...] [--out FILE]`.
 
 Reads metrics.jsonl only (no TensorBoard needed): train and val loss, learning rate(s), and the
-HellaSwag accuracies when the run logged them. Needs matplotlib (`pip install -e ".[plot]"`).
-The image format follows --out's extension (png, svg, pdf, ...: whatever matplotlib writes); the
-file is written under a temporary name and renamed, so a crash never leaves half an image.
+HellaSwag accuracies when a run logged them. Several `--run`s share the axes, one colour per run and
+a legend naming each (comparing runs is what one does next); the default image is RUN/curves.png for
+one run and ./curves.png for several. matplotlib is a dependency of fgpt-jax (curves are the first
+thing a user looks at, and it is small next to JAX). The image format follows --out's extension
+(png, svg, pdf, ...: whatever matplotlib writes); the file is written under a temporary name and
+renamed, so a crash never leaves half an image.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from fgpt_jax import cli
@@ -46,52 +50,96 @@ def _legend(ax) -> None:
         ax.legend()
 
 
-def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the curves of `run_dir` to `out` (default RUN/curves.png) and return its path."""
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # files only: works on headless GPU nodes
         import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError('matplotlib is needed for plots: pip install -e ".[plot]"') from None
-    out = Path(out) if out else Path(run_dir) / "curves.png"
+    except ImportError:  # a dependency, so only a --no-deps install or a broken environment lacks it
+        raise UserError("matplotlib is needed for plots (a dependency of fgpt-jax): pip install matplotlib") from None
+    return plt
+
+
+def _runs(runs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    runs = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)
+    if not runs:
+        raise UserError("--run: expected a run directory")
+    return list(dict.fromkeys(Path(r) for r in runs))  # the same run twice is drawn once
+
+
+def _labels(runs: list[Path]) -> list[str]:
+    """Each run's name, or the path as given where two runs share a name (runs/a/x and runs/b/x)."""
+    names = [r.name or str(r) for r in runs]
+    return [n if names.count(n) == 1 else str(r) for n, r in zip(names, runs)]
+
+
+def figure(runs: str | os.PathLike | Sequence[str | os.PathLike]):
+    """A matplotlib Figure of the curves of `runs` (one run directory, or several on shared axes):
+    loss (train and val), the learning rate(s), and HellaSwag when any run logged it. With several
+    runs every curve is labelled `NAME what` and a run keeps one colour on every panel. The caller
+    closes it (`plt.close(fig)`)."""
+    plt = _pyplot()
+    runs = _runs(runs)
+    rows = [_read_rows(r / "metrics.jsonl") for r in runs]
+    single = len(runs) == 1
+    labels = _labels(runs)
+    name = lambda i, what: what if single else f"{labels[i]} {what}"
+    hella = [
+        k
+        for k in ("hellaswag/acc_norm", "hellaswag/acc", "hellaswag/acc_token_avg")
+        if any(series(r, k)[0] for r in rows)
+    ]
+    panels = 2 + bool(hella)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    for i, r in enumerate(rows):
+        colour = f"C{i % 10}"
+        if series(r, "train/loss")[0]:
+            axes[0].plot(*series(r, "train/loss"), label=name(i, "train"), lw=1, color=colour)
+        if series(r, "val/loss")[0]:
+            axes[0].plot(*series(r, "val/loss"), label=name(i, "val"), marker="o", ms=3, color=colour)
+        for key, style in (("lr", "-"), ("lr_muon", "--")):
+            if series(r, key)[0]:
+                # one run: a colour per schedule, as before; several: a colour per run, a style per schedule
+                axes[1].plot(*series(r, key), label=name(i, key), ls=style, color=None if single else colour)
+        for key, marker in zip(hella, "os^"):
+            if series(r, key)[0]:
+                axes[2].plot(
+                    *series(r, key),
+                    label=name(i, key.split("/")[1]),
+                    marker=marker,
+                    ms=3,
+                    color=None if single else colour,
+                )
+    axes[0].set(xlabel="step", ylabel="loss (nats/token)", title=runs[0].name if single else "loss")
+    axes[1].set(xlabel="step", ylabel="learning rate", yscale="log", title="schedule")
+    if hella:
+        axes[2].axhline(0.25, color="gray", ls="--", lw=1, label="chance")
+        axes[2].set(xlabel="step", ylabel="accuracy", title="HellaSwag")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    fig.tight_layout()
+    return fig
+
+
+def plot(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:
+    """Write the curves of `runs` (one run directory or several) to `out` and return its path.
+    Default `out`: RUN/curves.png for one run, curves.png in the working directory for several."""
+    plt = _pyplot()
+    runs = _runs(runs)
+    out = Path(out) if out else runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png")
     formats = sorted(plt.figure().canvas.get_supported_filetypes())
     plt.close("all")
     fmt = out.suffix.lower().removeprefix(".")
     if fmt not in formats:
         what = f"unknown image extension {out.suffix!r}" if out.suffix else "no image extension"
         raise UserError(f"--out {out}: {what}; expected one of {', '.join('.' + f for f in formats)}")
-    rows = _read_rows(Path(run_dir) / "metrics.jsonl")
+    for r in runs:  # every run is readable before anything is drawn
+        _read_rows(r / "metrics.jsonl")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")
-    hella = [k for k in ("hellaswag/acc_norm", "hellaswag/acc", "hellaswag/acc_token_avg") if series(rows, k)[0]]
-    panels = 2 + bool(hella)
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
-    ax = axes[0]
-    if series(rows, "train/loss")[0]:
-        ax.plot(*series(rows, "train/loss"), label="train", lw=1)
-    if series(rows, "val/loss")[0]:
-        ax.plot(*series(rows, "val/loss"), label="val", marker="o", ms=3)
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=Path(run_dir).name)
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    ax = axes[1]
-    for key in ("lr", "lr_muon"):
-        if series(rows, key)[0]:
-            ax.plot(*series(rows, key), label=key)
-    ax.set(xlabel="step", ylabel="learning rate", yscale="log", title="schedule")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    if hella:
-        ax = axes[2]
-        for key in hella:
-            ax.plot(*series(rows, key), label=key.split("/")[1], marker="o", ms=3)
-        ax.axhline(0.25, color="gray", ls="--", lw=1, label="chance")
-        ax.set(xlabel="step", ylabel="accuracy", title="HellaSwag")
-        ax.grid(alpha=0.3)
-        _legend(ax)
-    fig.tight_layout()
+    fig = figure(runs)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         fig.savefig(tmp, dpi=120, format=fmt)
@@ -106,7 +154,13 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser(prog="python -m fgpt_jax.plot", description=__doc__.splitlines()[0])
-    p.add_argument("--run", type=Path, metavar="DIR", help="run directory (holds metrics.jsonl)")
+    p.add_argument(
+        "--run",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="run directory (holds metrics.jsonl); repeat it to compare runs on the same axes",
+    )
     p.add_argument(
         "run_positional", nargs="?", type=Path, metavar="RUN", help=argparse.SUPPRESS
     )  # the 0.1 form: plot RUN
@@ -114,15 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         metavar="FILE",
-        help="output image; its extension picks the format: .png, .svg, .pdf, ... (default: RUN/curves.png)",
+        help="output image; its extension picks the format: .png, .svg, .pdf, ... (default: RUN/curves.png, "
+        "or ./curves.png for several runs)",
     )
     args = p.parse_args(argv)
-    run = args.run or args.run_positional
-    if run is None:
+    runs = (args.run or []) + ([args.run_positional] if args.run_positional else [])
+    if not runs:
         p.error("--run: expected a run directory")
 
     def body() -> int:
-        print(plot(run, args.out))
+        print(plot(runs, args.out))
         return 0
 
     return cli.run(body)

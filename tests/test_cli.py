@@ -93,9 +93,36 @@ def test_chat_on_a_pretrained_run_says_so_once(runs):
     assert r.returncode == 0 and r.stderr == "" and r.stdout.endswith("\n"), r.stderr[-3000:]
 
 
+def test_chat_on_stdin_prints_one_json_line_per_turn(runs):
+    """Not a terminal: each input line is a turn and each answer one JSON line (it was the raw text,
+    spread over as many lines as the answer had), the same answers as a ChatSession in this process."""
+    from fgpt_jax.checkpoint import load_model
+    from fgpt_jax.inference.generator import Generator
+    from fgpt_jax.inference.session import ChatSession
+
+    _, chat = runs
+    sampling = ["--max-new-tokens", "6", "--temperature", "0.9", "--seed", "3"]
+    r = cli("fgpt_jax.chat", "--run", chat, *sampling, stdin="Hi there\n\n/reset\nWhat is 2+2?\n")
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert r.stdout.endswith("\n") and len(lines) == 2, r.stdout
+    turns = [json.loads(line) for line in lines]
+    session = ChatSession(Generator.from_model(load_model(chat)[0]), max_new_tokens=6, temperature=0.9, seed=3)
+    first = "".join(session.reply("Hi there"))
+    session.reset()  # the /reset line
+    second = "".join(session.reply("What is 2+2?"))
+    assert turns == [
+        {"turn": 1, "user": "Hi there", "assistant": first},
+        {"turn": 2, "user": "What is 2+2?", "assistant": second},
+    ]
+
+
 def test_eval_and_export_print_no_library_chatter(runs, tmp_path):
     """orbax/absl warnings ("Given directory is read only", "setting save_interval_steps=0") used to
     appear on every command that reads a checkpoint; a user reads them as errors."""
+    from fgpt_jax.data.bundled import corpus_dir
+
+    corpus_dir()  # `eval val` reads the bundled corpus: its one-time tokenising lines are ours, tested elsewhere
     base, _ = runs
     for args in (
         ["fgpt_jax.eval", "val", "--run", base, "--max-tokens", "512"],
@@ -106,6 +133,57 @@ def test_eval_and_export_print_no_library_chatter(runs, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         assert quiet(r.stderr) == [] and r.stderr == "", (args[0], r.stderr[-3000:])
         assert "\r" not in r.stdout + r.stderr  # no progress bar when not on a terminal
+
+
+def test_eval_hellaswag_records_the_preprocessing_done(runs, tmp_path):
+    """llama.cpp's text file was recorded as "preprocess": "harness", a flag that does not apply to it."""
+    base, _ = runs
+    r = cli("fgpt_jax.eval", "hellaswag", "--run", base, "--data", DATA / "hellaswag_val_200.txt", "--limit", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.splitlines()[-1])
+    assert result["preprocess"] == "harness, by the file's producer (llama.cpp text)" and result["n"] == 4
+    saved = [json.loads(line) for line in (base / "eval.jsonl").read_text().splitlines()]
+    assert saved[-1]["preprocess"] == result["preprocess"]
+
+
+def test_train_says_what_it_does_before_the_first_step(tmp_path):
+    """The quickstart sat silent for minutes on a loaded machine: tokenising the bundled corpus on first
+    use (now announced on stderr, before and after) and compiling the eval and train steps (now a line
+    before each, and the train step's compile time after), in that order, before step 1's line."""
+    import os
+
+    env = {**os.environ, "FGPT_JAX_CACHE": str(tmp_path / "empty-cache")}
+    tiny = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "train.steps=2", "train.log_every=1"]
+    r = subprocess.run(
+        [sys.executable, "-m", "fgpt_jax.train", "--run", str(tmp_path / "run"), *[f"--config.{o}" for o in tiny]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    err = r.stderr.splitlines()
+    assert len(err) == 2 and err[0].startswith("tokenising the bundled Tiny Shakespeare into "), r.stderr
+    assert re.fullmatch(r"tokenised the bundled Tiny Shakespeare: [\d,]+ tokens in \d+\.\d s", err[1]), err[1]
+    out = r.stdout.splitlines()
+    where = lambda prefix: next(i for i, line in enumerate(out) if line.startswith(prefix))
+    assert (
+        where("step 0: validation before training (its first call compiles the eval step)...")
+        < where("step 0: val/loss")
+        < where("compiling the train step (first step)...")
+        < where("train step compiled in ")
+        < where("step 1/2")
+    ), r.stdout
+    assert re.fullmatch(r"train step compiled in \d+\.\d s", out[where("train step compiled in ")])
+    # a second run finds the corpus cached: nothing on stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "fgpt_jax.train", "--run", str(tmp_path / "run2"), *[f"--config.{o}" for o in tiny]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
 
 
 BAD = [
@@ -151,6 +229,29 @@ def test_bad_values_exit_2_with_one_line(runs, tmp_path, argv, expected):
     assert r.returncode == 2 and r.stdout == "", r.stderr[-3000:]
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), r.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "preset, content, expected",
+    [
+        ("sft", "[]", "{f}: no records in this file"),
+        ("dpo", "", "{f}: no records in this file"),
+        ("sft", '[{"instruction": "caf\xe9", "output": "x"}]', "{f}: line 1: not UTF-8 text"),
+        ("dpo", '[{"prompt": "Q", "chosen": "caf\xe9", "rejected": "B"}]', "{f}: line 1: not UTF-8 text"),
+        ("tiny", "[]", "data.path {f}: a file, but pretraining (data.format=tokens) reads a shard directory"),
+    ],
+)
+def test_train_on_a_bad_data_file_is_one_line(runs, tmp_path, preset, content, expected):
+    """An empty SFT/DPO file said "raise train.seq_len"; a Latin-1 one gave a traceback naming no file;
+    a .json file as pretraining data said "shard directory not found". Nothing is written."""
+    _, chat = runs
+    data = tmp_path / "data.json"
+    data.write_bytes(content.encode("latin-1"))
+    base = [] if preset == "tiny" else [f"--config.init_from={chat}"]
+    r = cli("fgpt_jax.train", "--config", preset, "--run", tmp_path / "run", *base, f"--config.data.path={data}")
+    assert r.returncode == 2 and r.stdout == "", r.stderr[-3000:]
+    assert r.stderr.startswith("error: " + expected.format(f=data)) and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_plot_bad_out_exits_2_with_one_line(tmp_path):

@@ -120,6 +120,40 @@ def test_bad_files(tmp_path):
         load_conversations(str(tmp_path / "empty"))
 
 
+@pytest.mark.parametrize("name", ["latin1.json", "latin1.jsonl"])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, name):
+    """Latin-1 bytes (0xe9, 'é') in an SFT file: one line naming the file, the line and the byte (it was a
+    bare UnicodeDecodeError, which named nothing)."""
+    path = tmp_path / name
+    record = '{"instruction": "caf\xe9?", "input": "", "output": "yes"}'
+    text = f"[{record}]" if name.endswith(".json") else '{"instruction": "a", "output": "b"}\n' + record + "\n"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        load_conversations(str(path))
+    line = 1 if name.endswith(".json") else 2
+    assert str(e.value).startswith(f"{path}: line {line}: not UTF-8 text (invalid continuation byte at byte "), e.value
+    assert "\n" not in str(e.value) and "save it as UTF-8" in str(e.value)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    """Windows editors save UTF-8 with a BOM; the array then did not start with '[' and failed as JSON lines."""
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": "caf\u00e9", "output": "ok"}]).encode())
+    assert load_conversations(str(path))[0][0]["content"] == "caf\u00e9"
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "[]", " [ ] \n"])
+def test_a_file_without_records_says_so(tmp_path, content):
+    for name in ("none.json", "none.jsonl"):
+        if content.strip().startswith("[") and name.endswith("l"):
+            continue  # "[]" is an array, not JSON lines
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(DataError) as e:
+            load_conversations(str(path))
+        assert str(e.value).startswith(f"{path}: no records in this file"), e.value
+
+
 def test_hub_offline_fails_with_one_line(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

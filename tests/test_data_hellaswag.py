@@ -85,6 +85,18 @@ def test_jsonl_original_schema(tmp_path):
     assert load_examples(gz) == [first, wiki]  # `where` (file:line) is not compared
 
 
+def test_preprocessing_says_what_was_done_to_each_format(tmp_path):
+    """The eval record said "harness" for llama.cpp's text file, where --preprocess does not apply (its
+    producer preprocessed it): `preprocessing` names what was done, per format; None is the official jsonl."""
+    path = write_jsonl(tmp_path / "hellaswag_val.jsonl", [FIRST])
+    assert hs.preprocessing(path, "harness") == "harness"
+    assert hs.preprocessing(path, "none") == "none"
+    assert hs.preprocessing(None, "none") == "none"
+    assert hs.preprocessing(DATA, "harness") == hs.IN_FILE == "harness, by the file's producer (llama.cpp text)"
+    (tmp_path / "h.txt.bz2").write_bytes(bz2.compress(DATA.read_bytes()))
+    assert hs.preprocessing(tmp_path / "h.txt.bz2", "harness") == hs.IN_FILE
+
+
 def test_preprocess_matches_harness_rules():
     assert preprocess("  a [title] b  ") == "a. b"
     assert preprocess("x [header] y [step] z") == "x y z"

@@ -14,7 +14,7 @@ from fgpt_jax.config import from_json
 from fgpt_jax.data import DataConfig
 from fgpt_jax.data.pipeline import Data, Verification, open_data
 from fgpt_jax.data.shards import ShardError, ShardSet
-from fgpt_jax.data.sources import TextSource
+from fgpt_jax.data.sources import DataError, TextSource
 from fgpt_jax.data.writer import write_shards
 
 LEGACY_CONFIG = os.path.join(os.path.dirname(__file__), "data", "legacy_run_v0_1", "config.json")
@@ -160,3 +160,31 @@ def test_chat_data_has_nothing_to_verify(tmp_path):
     data = open_data(dataclasses.replace(DataConfig(), path=path, format="chat"), 64, 4, 4)
     data.check()
     assert data.verification is None
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("books.txt", "Call me Ishmael.", "python -m fgpt_jax.data text {f} --out data/books"),
+        (
+            "docs.jsonl",
+            '{"text": "a document", "id": "1"}\n',
+            "python -m fgpt_jax.data fineweb --files {f} --out data/docs",
+        ),
+        ("docs.csv", "text\nsome words\n", "python -m fgpt_jax.data fineweb --files {f} --out data/docs"),
+        ("alpaca.json", '[{"instruction": "Say hi", "input": "", "output": "hi"}]', "data.format=chat"),
+        ("chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', "data.format=chat"),
+        ("prefs.json", '[{"prompt": "Q", "chosen": "A", "rejected": "B"}]', "data.format=preference"),
+    ],
+)
+def test_a_file_as_pretraining_data_says_how_to_make_shards(tmp_path, name, content, expected):
+    """data.path naming a file with the default format (tokens) said "shard directory not found"."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as e:
+        open_data(DataConfig(path=str(path)), 16, 4, 4)
+    msg = str(e.value)
+    assert msg.startswith(f"data.path {path}: a file, but pretraining (data.format=tokens) reads a shard directory")
+    assert expected.format(f=path) in msg and "\n" not in msg, msg
+    if "format=" not in expected:
+        assert "then --config.data.path=data/" in msg, msg

@@ -164,6 +164,19 @@ def test_missing_files_and_offline_hub_are_one_line(tmp_path):
     assert "\n" not in str(e.value) and "local .json/.jsonl/.parquet file" in str(e.value)
 
 
+def test_a_file_that_is_not_utf8_or_has_no_records_is_named(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[{"prompt": "Q", "chosen": "caf\xe9", "rejected": "B"}]'.encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        load_pairs(str(path))
+    assert str(e.value).startswith(f"{path}: line 1: not UTF-8 text ("), e.value
+    for content in ("", "[]"):
+        (tmp_path / "empty.json").write_text(content)
+        with pytest.raises(DataError) as e:
+            load_pairs(str(tmp_path / "empty.json"))
+        assert str(e.value).startswith(f"{tmp_path / 'empty.json'}: no records in this file"), e.value
+
+
 # -- rows ------------------------------------------------------------------------------------------
 def test_rows_are_the_chat_template_with_only_the_reply_masked(tok):
     pair = next(p for p in load_pairs(str(DEMO)) if sum(r == "assistant" for r, _ in p.prompt) >= 2)

@@ -244,6 +244,35 @@ def test_cli_end_to_end(corpus, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["train"]["shards"] == summary["train"]["shards"]
 
 
+def test_cli_warns_when_validation_gets_too_few_documents(tmp_path):
+    """`fineweb --files` on the real 150-document CSV with the default --val-fraction (0.005, sized for
+    FineWeb's millions of documents) held out 1 document without a word. It now warns on stderr, with
+    the counts and a --val-fraction that holds out about MIN_VAL_DOCUMENTS; a fraction that gives
+    enough documents does not warn."""
+    csv.field_size_limit(1 << 24)
+    with open(CSV, newline="", encoding="utf-8") as f:
+        texts = [r["text"] for r in csv.DictReader(f)]
+    assert len(texts) == 150
+    want_val = sum(is_val(t, 0.005) for t in texts)  # the CSV has no id column: the text is the key
+    assert want_val < writer_mod.MIN_VAL_DOCUMENTS
+    r = _cli("fineweb", "--files", CSV, "--out", str(tmp_path / "small"), "--workers", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["val"]["num_documents"] == want_val
+    suggested = np.ceil(writer_mod.MIN_VAL_DOCUMENTS / 150 * 100) / 100  # rounded up to a percent: 0.14
+    assert r.stderr.splitlines() == [
+        f"warning: --out {tmp_path / 'small'}: validation holds {want_val} of 150 documents "
+        f"({summary['val']['num_tokens']:,} tokens) at --val-fraction 0.005, too few for a steady val/loss; "
+        f"to hold out about {round(suggested * 150)}, write a new --out with --val-fraction {suggested:g}"
+    ], r.stderr
+    enough = 0.2
+    assert sum(is_val(t, enough) for t in texts) >= writer_mod.MIN_VAL_DOCUMENTS
+    r = _cli(
+        "fineweb", "--files", CSV, "--out", str(tmp_path / "enough"), "--val-fraction", str(enough), "--no-progress"
+    )
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [

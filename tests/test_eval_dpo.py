@@ -15,6 +15,7 @@ from fgpt_jax import sharding as shd
 from fgpt_jax.checkpoint import save_model
 from fgpt_jax.config import DPOConfig, apply_overrides, load_config, resolve_config
 from fgpt_jax.data.preferences import Pair, build_preference_data
+from fgpt_jax.data.sources import DataError
 from fgpt_jax.eval.dpo import REFERENCE_FILE, Reference, read_reference
 from fgpt_jax.model import GPT
 from fgpt_jax.train import train
@@ -220,7 +221,15 @@ def test_reference_is_scored_once_and_read_back(runs, tmp_path):
     assert meta == {"init_from": str(base), "step": 0} and list(arrays) == [rows.content_hash]
     np.testing.assert_array_equal(arrays[rows.content_hash], logps)
     saved = (tmp_path / REFERENCE_FILE).read_bytes()
-    again = Reference(tmp_path, str(tmp_path / "gone"), DPOConfig(), mesh, 3, reuse=True)  # init_from is not read
+    # The file names its source model: another init_from is refused (the fix: delete it, score again)
+    with pytest.raises(DataError) as e:
+        Reference(tmp_path, str(tmp_path / "gone"), DPOConfig(), mesh, 3, reuse=True)
+    assert str(e.value) == (
+        f"{tmp_path / REFERENCE_FILE}: scored with init_from {base} step 0, but this run's reference is init_from "
+        f"{tmp_path / 'gone'} step 0; delete it and resume again: the reference is then scored again with "
+        f"init_from {tmp_path / 'gone'} step 0"
+    )
+    again = Reference(tmp_path, str(base), DPOConfig(), mesh, 3, reuse=True)
     np.testing.assert_array_equal(again(rows), logps)
     assert "log-probs of 16 rows read from" in again.notes[-1]
     again.save()
@@ -228,5 +237,5 @@ def test_reference_is_scored_once_and_read_back(runs, tmp_path):
     fresh = Reference(tmp_path, str(base), DPOConfig(), mesh, 3, reuse=False)  # a fresh start scores again
     np.testing.assert_array_equal(fresh(rows), logps)
     (tmp_path / REFERENCE_FILE).write_bytes(b"not an npz")
-    with pytest.raises(ValueError, match=r"reference_logps.npz: unreadable \(.*\); delete it to score the reference"):
+    with pytest.raises(ValueError, match=r"reference_logps.npz: unreadable \(.*\); delete it and resume again"):
         Reference(tmp_path, str(base), DPOConfig(), mesh, 3, reuse=True)

@@ -6,8 +6,9 @@ import warnings
 
 import pytest
 
+from fgpt_jax.errors import UserError
 from fgpt_jax.metrics import MetricsWriter
-from fgpt_jax.plot import main, plot
+from fgpt_jax.plot import figure, main, plot
 from fgpt_jax.rundir import RunDir
 
 
@@ -99,3 +100,88 @@ def test_only_val_loss_plots_without_warnings(tmp_path):
         warnings.simplefilter("always")
         assert plot(tmp_path) == tmp_path / "curves.png"
     assert [str(w.message) for w in caught] == [] and (tmp_path / "curves.png").is_file()
+
+
+def _run(root, name, losses, val_every=0):
+    path = root / name
+    w = MetricsWriter(RunDir(path))
+    for s, loss in enumerate(losses, 1):
+        w.log(s, {"train/loss": loss, "lr": 1e-3})
+        if val_every and s % val_every == 0:
+            w.log(s, {"val/loss": loss + 0.1})
+    w.close()
+    return path
+
+
+def test_several_runs_share_the_axes_with_a_legend(tmp_path, capsys):
+    """`--run A --run B` plotted only B (argparse kept the last): every run's curves go on the same
+    axes, labelled by run; the numbers drawn are each run's own."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = _run(tmp_path, "a", [5.0, 4.0, 3.0, 2.5], val_every=2)
+    b = _run(tmp_path, "b", [6.0, 5.5, 5.0, 4.8, 4.7, 4.6])
+    out = tmp_path / "both.png"
+    code, stdout, err = plot_main(capsys, "--run", a, "--run", b, "--out", out)
+    assert code == 0 and err == "" and stdout.strip() == str(out) and out.read_bytes()[:4] == b"\x89PNG"
+    fig = figure([a, b])
+    try:
+        loss_ax = fig.axes[0]
+        lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in loss_ax.get_lines()}
+        assert lines == {
+            "a train": ([1, 2, 3, 4], [5.0, 4.0, 3.0, 2.5]),
+            "a val": ([2, 4], [4.0 + 0.1, 2.5 + 0.1]),
+            "b train": ([1, 2, 3, 4, 5, 6], [6.0, 5.5, 5.0, 4.8, 4.7, 4.6]),
+        }
+        assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["a train", "a val", "b train"]
+        # one colour per run, shared by its train and val curves
+        colours = {label: line.get_color() for label, line in zip(lines, loss_ax.get_lines())}
+        assert colours["a train"] == colours["a val"] != colours["b train"]
+        assert {line.get_label() for line in fig.axes[1].get_lines()} == {"a lr", "b lr"}
+    finally:
+        plt.close(fig)
+
+
+def test_several_runs_default_to_curves_png_here_and_same_names_get_paths(tmp_path, monkeypatch, capsys):
+    a = _run(tmp_path / "x", "run", [3.0, 2.0])
+    b = _run(tmp_path / "y", "run", [4.0, 3.0])
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = plot_main(capsys, "--run", a, "--run", b)
+    assert code == 0 and err == "" and stdout.strip() == "curves.png" and (tmp_path / "curves.png").is_file()
+    assert not (a / "curves.png").exists() and not (b / "curves.png").exists()
+    import matplotlib.pyplot as plt
+
+    fig = figure([a, b])
+    try:
+        assert [line.get_label() for line in fig.axes[0].get_lines()] == [f"{a} train", f"{b} train"]
+    finally:
+        plt.close(fig)
+
+
+def test_missing_matplotlib_names_a_command_for_every_install(monkeypatch, run, tmp_path):
+    """The hint was `pip install -e ".[plot]"`, which works only inside a clone."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(UserError) as e:
+        plot(run, tmp_path / "x.png")
+    assert str(e.value) == "matplotlib is needed for plots (a dependency of fgpt-jax): pip install matplotlib"
+
+
+def test_matplotlib_is_a_dependency_of_a_plain_install():
+    """Curves are what a user looks at first: `pip install fgpt-jax` (or `pip install .`) brings matplotlib."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(d.replace(" ", "").startswith("matplotlib>=") for d in project["dependencies"])
+    assert project["optional-dependencies"]["plot"] == []  # kept: `pip install -e ".[plot]"` still works

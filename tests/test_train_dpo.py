@@ -2,6 +2,7 @@
 masked tokens, and preference tuning through the trainer: pretrain -> SFT -> DPO on the real pairs,
 exact resume after SIGTERM, the chat CLI on the result."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -25,6 +26,7 @@ from fgpt_jax.config import ConfigError, DPOConfig, apply_overrides, load_config
 from fgpt_jax.data import PreferenceBatch
 from fgpt_jax.data.loader import Rows
 from fgpt_jax.data.preferences import build_preference_data, load_pairs, val_pairs
+from fgpt_jax.data.sources import DataError
 from fgpt_jax.eval.dpo import REFERENCE_FILE, dpo_eval_step, read_reference, row_logps
 from fgpt_jax.loss import DPO_METRICS, dpo_losses, dpo_objective, sequence_logps
 from fgpt_jax.model import GPT, GPTConfig
@@ -368,6 +370,107 @@ def test_sigterm_then_resume_is_exact(sft_run, straight, tmp_path):
     assert (run / REFERENCE_FILE).read_bytes() == reference
     log = (run / "train.log").read_text()
     assert log.count("rows scored with") == 2 and log.count(f"rows read from {run / REFERENCE_FILE}") == 2
+
+
+# -- the reference file on --resume: one line naming it and what to do ------------------------------
+def _copy_run(run, to):
+    import shutil
+
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns(".lock"))
+    return to
+
+
+def _files(run):
+    """Every file's bytes but the writer lock's (RUN/.lock, taken before any check: it holds the pid)."""
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def _rewrite_reference(run, change_arrays=None, change_meta=None):
+    """Rewrite RUN/reference_logps.npz through numpy, its arrays or meta changed."""
+    path = run / REFERENCE_FILE
+    with np.load(path) as z:
+        items = {k: z[k] for k in z.files}
+    meta = json.loads(str(items.pop("meta")))
+    arrays = {k: v.copy() for k, v in items.items()}
+    if change_arrays:
+        change_arrays(arrays)
+    if change_meta:
+        meta = change_meta(meta)
+    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def test_cli_resume_with_a_truncated_reference_file_is_one_line(straight, tmp_path):
+    run = _copy_run(straight, tmp_path / "run")
+    ref = run / REFERENCE_FILE
+    ref.write_bytes(ref.read_bytes()[: ref.stat().st_size // 2])
+    before = _files(run)
+    r = subprocess.run(
+        [sys.executable, "-m", "fgpt_jax.train", "--run", str(run), "--resume", "--config.train.steps=8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.startswith(f"error: {ref}: unreadable (") and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert "delete it and resume again" in r.stderr and f"{sft_step_of(straight)}" in r.stderr, r.stderr
+    assert _files(run) == before  # nothing written
+
+
+def sft_step_of(run):
+    return read_reference(run / REFERENCE_FILE)[1]["step"]
+
+
+def _shift_train_rows(arrays):
+    key = max(arrays, key=lambda k: arrays[k].shape[0])  # the train rows: the larger table
+    arrays[key] = arrays[key] + np.float32(0.5)
+
+
+def _nan(arrays):
+    key = next(iter(arrays))
+    arrays[key][3] = np.nan
+
+
+@pytest.mark.parametrize(
+    "change_arrays,change_meta,match",
+    [
+        # other numbers for the train rows than the run trained with
+        (_shift_train_rows, None, r"its log-probs of the \d+ train rows differ from the ones this run trained with"),
+        (_nan, None, r"holds 1 non-finite log-prob \(NaN or inf\)"),
+        # scored with another checkpoint of init_from than the run's reference model
+        (
+            None,
+            lambda m: {**m, "step": 20},
+            r"scored with init_from .* step 20, but this run's reference is .* step 30",
+        ),
+        (None, lambda m: {**m, "init_from": "/elsewhere/sft"}, r"scored with init_from /elsewhere/sft step 30"),
+    ],
+)
+def test_resume_refuses_a_reference_file_that_does_not_belong(straight, tmp_path, change_arrays, change_meta, match):
+    run = _copy_run(straight, tmp_path / "run")
+    _rewrite_reference(run, change_arrays, change_meta)
+    before = _files(run)
+    cfg = dataclasses.replace(load_config_of(run), train=dataclasses.replace(load_config_of(run).train, steps=8))
+    with pytest.raises(DataError, match=match) as e:
+        train(cfg, run, resume=True)
+    msg = str(e.value)
+    assert msg.startswith(f"{run / REFERENCE_FILE}: ") and "\n" not in msg, msg
+    assert "delete it and resume again" in msg, msg  # the fix
+    assert _files(run) == before  # nothing written
+
+
+def test_resume_after_deleting_the_reference_scores_it_again(straight, tmp_path):
+    """The fix the errors give: without the file, --resume scores the reference again with the run's
+    reference model (the checkpoint records which), gets the same numbers and continues."""
+    run = _copy_run(straight, tmp_path / "run")
+    original = read_reference(run / REFERENCE_FILE)
+    (run / REFERENCE_FILE).unlink()
+    cfg = load_config_of(run)
+    train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=7)), run, resume=True)
+    arrays, meta = read_reference(run / REFERENCE_FILE)
+    assert meta == original[1] and arrays.keys() == original[0].keys()
+    for k in arrays:
+        np.testing.assert_array_equal(arrays[k], original[0][k])
+    assert read_metrics(run)[-1]["step"] == 7
 
 
 def test_dpo_needs_a_starting_run_and_checks_its_knobs(tmp_path):

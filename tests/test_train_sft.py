@@ -111,7 +111,10 @@ def test_chat_cli_answers_and_stops_at_end(base_run, tmp_path):
         timeout=180,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.splitlines() == ["Paris is the capital.", "Paris is the capital."]
+    assert [json.loads(line) for line in r.stdout.splitlines()] == [  # stdin not a terminal: one JSON line per turn
+        {"turn": 1, "user": "What is the capital of France?", "assistant": "Paris is the capital."},
+        {"turn": 2, "user": "Hello", "assistant": "Paris is the capital."},
+    ]
     one = subprocess.run(
         [
             sys.executable,

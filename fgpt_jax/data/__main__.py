@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from fgpt_jax.data.shards import SPLITS
         from fgpt_jax.data.sources import TextSource, files_source, hub_source
-        from fgpt_jax.data.writer import write_shards
+        from fgpt_jax.data.writer import val_split_warning, write_shards
 
         if args.command in ("bundled", "sample"):
             from fgpt_jax.data.bundled import corpus_dir
@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return cli.EXIT_INTERRUPTED
             _report_stripped(source)
+            warning = val_split_warning(m, args.out)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
             summary = {
                 s: {k: m["splits"][s][k] for k in ("num_tokens", "num_documents")}
                 | {"shards": len(m["splits"][s]["shards"])}

@@ -5,9 +5,11 @@ directories written then keep resuming). One document per speech (blank-line blo
 in validation by hash. The cache lives in `$FGPT_JAX_CACHE` (default `~/.cache/fgpt_jax`) under a
 name that includes the corpus and tokenizer hashes, so a changed tokenizer never reads stale
 shards. It is built in a private temp directory and renamed into place: two processes racing, or a
-Ctrl-C, never leave a half-written cache. Tokenising it takes under a second in this process (no
-worker pool: a pool would re-import the user's script, which breaks `train()` called from a
-script without a `__main__` guard).
+Ctrl-C, never leave a half-written cache. Tokenising it takes seconds in this process (no worker
+pool: a pool would re-import the user's script, which breaks `train()` called from a script without
+a `__main__` guard); it is announced on stderr, before and after, because the quickstart otherwise
+sits silent through it on its first run (and stdout may be a pipe: `data bundled` prints the
+directory there).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
+import time
 
 from fgpt_jax.data import cache_root
 from fgpt_jax.data.shards import MANIFEST
@@ -50,9 +54,16 @@ def corpus_dir(progress: bool = False) -> str:
         return final
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{NAME}-", dir=root)
+    say = lambda text: print(text, file=sys.stderr, flush=True)
+    say(f"tokenising the bundled Tiny Shakespeare into {final} (first use only)...")
+    t0 = time.perf_counter()
     try:
         source = TextSource([CORPUS_FILE], blocks=True, gutenberg=False)
-        write_shards(source, tmp, shard_tokens=SHARD_TOKENS, val_fraction=VAL_FRACTION, workers=1, progress=progress)
+        m = write_shards(
+            source, tmp, shard_tokens=SHARD_TOKENS, val_fraction=VAL_FRACTION, workers=1, progress=progress
+        )
+        tokens = sum(m["splits"][s]["num_tokens"] for s in m["splits"])
+        say(f"tokenised the bundled Tiny Shakespeare: {tokens:,} tokens in {time.perf_counter() - t0:.1f} s")
         if os.path.isdir(final) and not os.path.isfile(os.path.join(final, MANIFEST)):
             shutil.rmtree(final, ignore_errors=True)  # left by a pre-atomic crash; ours is complete
         try:

@@ -104,8 +104,16 @@ def _read_file(path: str) -> list:
             return pq.read_table(path).to_pylist()
         except Exception as e:
             raise DataError(f"{path}: could not read as parquet: {str(e).splitlines()[0] if str(e) else e!r}") from e
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a byte order mark (Windows editors write one) is not JSON
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
+            f"(e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             return json.loads(text)
@@ -128,7 +136,8 @@ def read_records(path: str, limit: int | None = None) -> list[tuple[dict, str, i
     Anything that is not an existing path is a Hub dataset `NAME[:SPLIT]`, loaded with
     `datasets.load_dataset(NAME, split=SPLIT or "train")`; offline that fails with one line that
     suggests a local file. `limit` keeps the first `limit` records. The loader of instruction data
-    and the loader of preference pairs both read through here."""
+    and the loader of preference pairs both read through here, so both refuse in one line naming the
+    file a file that is not UTF-8 and a source without a single record (an empty file, `[]`)."""
     out: list[tuple[dict, str, int]] = []
     if os.path.exists(path):
         if os.path.isdir(path):
@@ -147,6 +156,9 @@ def read_records(path: str, limit: int | None = None) -> list[tuple[dict, str, i
                 if limit is not None and len(out) >= limit:
                     return out
                 out.append((rec, f, i))
+        if not out:
+            where = "this file" if len(files) == 1 else f"its {len(files)} files"
+            raise DataError(f"{path}: no records in {where} (empty, or an empty JSON array)")
         return out
     if path.lower().endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")):
         raise DataError(f"{path}: file not found")
@@ -163,6 +175,8 @@ def read_records(path: str, limit: int | None = None) -> list[tuple[dict, str, i
         ) from None
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
+    if len(ds) == 0:
+        raise DataError(f"{path}: no records in this dataset split")
     return [(rec, path, i) for i, rec in enumerate(ds)]
 
 

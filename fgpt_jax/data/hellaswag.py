@@ -189,6 +189,21 @@ def parse_txt(text: str, path: str) -> list[Example]:
     return out
 
 
+IN_FILE = "harness, by the file's producer (llama.cpp text)"
+
+
+def preprocessing(path: str | Path | None, preprocess_mode: str = "harness") -> str:
+    """What was done to the text of the items `load_examples(path, ..., preprocess_mode)` reads, for an
+    evaluation record: `preprocess_mode` ("harness" or "none") for jsonl (None: the official jsonl),
+    which this loader preprocesses; IN_FILE for llama.cpp's text format, which --preprocess does not
+    apply to (its producer applied lm-eval-harness's preprocessing)."""
+    if path is None:
+        return preprocess_mode
+    path = Path(path)
+    fmt = detect_format(path, _read_text(path))  # the file is read again: well under a second
+    return preprocess_mode if fmt == "jsonl" else IN_FILE
+
+
 def load_examples(
     path: str | Path | None = None, limit: int | None = None, preprocess_mode: str = "harness"
 ) -> list[Example]:
@@ -224,5 +239,7 @@ __all__ = [
     "parse_jsonl",
     "parse_txt",
     "load_examples",
+    "preprocessing",
+    "IN_FILE",
     "cache_dir",
 ]

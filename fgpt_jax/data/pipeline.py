@@ -25,6 +25,7 @@ before returning, as "startup" does.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,7 +126,8 @@ def open_data(
     `batch_size` is the global batch per step; `val_batch_size` the global batch per validation call
     (the trainer's micro-batch); both count pairs for preference data. With `train=False` only the
     validation batches are built. Preference data needs `reference(rows) -> [N] float32`, each row's
-    log-probability under the reference model (fgpt_jax.eval.dpo.Reference)."""
+    log-probability under the reference model (fgpt_jax.eval.dpo.Reference, whose `source`, the model
+    it scores with, the train loader's state records)."""
     if not cfg.path:
         raise DataError(
             "data.path: empty; expected a shard directory, the bundled corpus "
@@ -141,6 +143,8 @@ def open_data(
         return _preference(
             cfg, seq_len, batch_size, val_batch_size, process_index, process_count, train, first_row, reference
         )
+    if os.path.isfile(cfg.path):
+        raise _file_not_shards(cfg.path)
     path = resolve(cfg.path)
     blocking = cfg.verify == "startup" or (cfg.verify == "background" and not train)
     opened: list[ShardSet] = []
@@ -185,6 +189,49 @@ def open_data(
             f"shard's fingerprint and sampled blocks goes unnoticed unless it leaves the vocabulary"
         )
     return Data(loader, val, notes, verification=verification)
+
+
+# Record keys that say what a file given as pretraining data holds (searched in its first MiB).
+_CHAT_KEYS = re.compile(r'"(?:instruction|messages)"\s*:')
+_PREFERENCE_KEYS = re.compile(r'"(?:chosen|rejected)"\s*:')
+_TABLE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")  # what `data fineweb --files` reads
+
+
+def _file_not_shards(path: str) -> DataError:
+    """The error for a file given as pretraining data (data.format=tokens reads shard directories):
+    the command that makes shards of it, or, when its records are instruction data or preference
+    pairs, the preset that trains on them as they are."""
+    what = f"data.path {path}: a file, but pretraining (data.format=tokens) reads a shard directory"
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq  # comes with `datasets`
+
+        try:
+            head = " ".join(f'"{name}":' for name in pq.read_schema(path).names)
+        except Exception:  # not readable as parquet: the shard command will say why
+            head = ""
+    elif suffix in (".json", ".jsonl"):
+        with open(path, "rb") as f:
+            head = f.read(1 << 20).decode("utf-8", "replace")
+    else:
+        head = ""
+    if _PREFERENCE_KEYS.search(head):
+        return DataError(
+            f"{what}; its records are preference pairs: train DPO on them with --config dpo "
+            f"--config.init_from=SFT_RUN_DIR (data.format=preference)"
+        )
+    if _CHAT_KEYS.search(head):
+        return DataError(
+            f"{what}; its records are instruction data: fine-tune on them with --config sft "
+            f"--config.init_from=RUN_DIR (data.format=chat)"
+        )
+    out = f"data/{os.path.splitext(os.path.basename(path))[0]}"
+    command = (
+        f"python -m fgpt_jax.data fineweb --files {path} --out {out} (--text-field NAME if the text is not in 'text')"
+        if suffix in _TABLE_SUFFIXES
+        else f"python -m fgpt_jax.data text {path} --out {out}"
+    )
+    return DataError(f"{what}; make one from it with {command}, then --config.data.path={out}")
 
 
 def _chat(cfg: DataConfig, seq_len, batch_size, val_batch_size, process_index, process_count, train, first_row) -> Data:
@@ -245,20 +292,21 @@ def _preference(
             f"{s['dropped_empty']} empty, {s['dropped_identical']} identical); raise train.seq_len / "
             f"data.max_*_tokens, set data.truncate=true, or use another source"
         )
-    loader = (
-        PairLoader(
+    loader = None
+    if train:
+        train_logps = reference(pref.train)
+        loader = PairLoader(
             pref.train,
-            reference(pref.train),
+            train_logps,
             batch_size,
             seed=cfg.seed,
             process_index=process_index,
             process_count=process_count,
             prefetch=cfg.prefetch,
             first_row=first_row,
+            # fgpt_jax.eval.dpo.Reference knows its model; the state records it (a plain function does not)
+            reference_source=getattr(reference, "source", None),
         )
-        if train
-        else None
-    )
     val = (
         val_pairs(pref.val, reference(pref.val), val_batch_size, get_tokenizer().eot_id, process_index, process_count)
         if pref.val.num_rows

@@ -316,11 +316,20 @@ def _check(rows: Rows, ref_logp: np.ndarray, kind: str) -> np.ndarray:
     return ref_logp
 
 
+def reference_hash(ref_logp: np.ndarray) -> str:
+    """sha256 of reference log-probs as float32: the loader state records it (a different reference
+    is different data), and a resumed DPO run checks its reference file against it."""
+    return hashlib.sha256(np.ascontiguousarray(ref_logp, np.float32).tobytes()).hexdigest()[:16]
+
+
 class PairLoader(BatchLoader):
     """Train pairs in a fresh permutation each epoch: `PreferenceBatch` of 2 x local_batch rows.
 
     `global_batch_size` counts pairs; pair g of the stream is pair perm_e[g mod P] of epoch
-    e = g // P, and its two rows stay adjacent (chosen, rejected)."""
+    e = g // P, and its two rows stay adjacent (chosen, rejected).
+
+    `reference_source` ({"init_from", "step"}: the model the log-probs come from), when given, is
+    recorded in the state, so a resumed run knows which checkpoint to score its reference with again."""
 
     kind = "preference data"
 
@@ -334,13 +343,15 @@ class PairLoader(BatchLoader):
         process_count: int = 1,
         prefetch: int = 2,
         first_row: int = 0,
+        reference_source: dict | None = None,
     ):
         self.ref_logp = _check(rows, ref_logp, self.kind)
+        self.reference_source = dict(reference_source) if reference_source else None
         if rows.num_rows < 2:
             raise DataError(f"{self.kind}: no pairs (every record filtered out?)")
         self.rows, self.seed = rows, int(seed)
         self.num_pairs = rows.num_rows // 2
-        self.ref_hash = hashlib.sha256(self.ref_logp.tobytes()).hexdigest()[:16]
+        self.ref_hash = reference_hash(self.ref_logp)
         self.permutation = EpochPermutation(self.num_pairs, self.seed, "preference-pairs")
         super().__init__(global_batch_size, process_index, process_count, prefetch, first_row=first_row)
 
@@ -359,7 +370,13 @@ class PairLoader(BatchLoader):
             "num_pairs": self.num_pairs,
             "content_hash": self.rows.content_hash,
             "reference_hash": self.ref_hash,
+            **({"reference_model": self.reference_source} if self.reference_source else {}),
         }
+
+    def set_state(self, state: dict) -> None:
+        if self.reference_source and "reference_model" not in state:  # saved by fgpt-jax <= 0.2.0
+            state = {**state, "reference_model": self.reference_source}
+        super().set_state(state)
 
 
 def val_pairs(

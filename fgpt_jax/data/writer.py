@@ -21,6 +21,7 @@ import concurrent.futures
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import time
@@ -42,6 +43,10 @@ _OURS = re.compile(
     rf"^(?:(?:{_SPLIT})_\d{{6}}\.npy|\.partial-(?:{_SPLIT})-\d{{6}}\.npy|"
     rf"{re.escape(MANIFEST)}|{re.escape(PROGRESS)})(?:\.tmp\d+)?$"
 )
+# Fewer validation documents than this and val/loss is one or two documents' loss, not the corpus's:
+# the CLI warns (`val_split_warning`). The split stays a pure function of each document's hash (a
+# guaranteed minimum would need the corpus's size before streaming it, and order-dependent rules).
+MIN_VAL_DOCUMENTS = 20
 _CHUNK_CHARS = 1_000_000  # ~250k tokens per task: small enough to balance workers, large enough to amortise IPC
 
 
@@ -438,3 +443,21 @@ def _tokenise(
     os.remove(progress_path) if os.path.exists(progress_path) else None
     _clean(out_dir, {sh["file"] for w in writers.values() for sh in w.shards} | {MANIFEST})
     return manifest
+
+
+def val_split_warning(manifest: dict, out_dir: str) -> str | None:
+    """A one-line warning when the validation split holds fewer than MIN_VAL_DOCUMENTS documents
+    though a fraction was asked for (a small corpus at FineWeb's default 0.005, say), with the
+    --val-fraction that would hold out about MIN_VAL_DOCUMENTS; None when it has enough (or
+    --val-fraction 0 asked for none)."""
+    fraction = manifest["val_fraction"]
+    val, train = manifest["splits"]["val"], manifest["splits"]["train"]
+    total = val["num_documents"] + train["num_documents"]
+    if not fraction or val["num_documents"] >= MIN_VAL_DOCUMENTS or not total:
+        return None
+    suggested = min(0.5, math.ceil(100 * MIN_VAL_DOCUMENTS / total) / 100)
+    return (
+        f"--out {out_dir}: validation holds {val['num_documents']} of {total} documents "
+        f"({val['num_tokens']:,} tokens) at --val-fraction {fraction:g}, too few for a steady val/loss; "
+        f"to hold out about {round(suggested * total)}, write a new --out with --val-fraction {suggested:g}"
+    )

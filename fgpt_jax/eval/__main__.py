@@ -260,7 +260,7 @@ def run_dpo(args) -> dict:
 
 def run_hellaswag(args) -> dict:
     from fgpt_jax import eval as ev
-    from fgpt_jax.data.hellaswag import load_examples
+    from fgpt_jax.data.hellaswag import load_examples, preprocessing
     from fgpt_jax.rundir import RunDir
 
     RunDir(args.run).read_config()
@@ -268,7 +268,9 @@ def run_hellaswag(args) -> dict:
     model = ev.load(args.run, args.step)
     m = ev.evaluate_hellaswag(model, examples, args.batch_size, progress=not args.no_progress and sys.stderr.isatty())
     data = str(args.data) if args.data is not None else "hellaswag_val.jsonl (official)"
-    return {"task": "hellaswag", "step": model.step, **m, "data": data, "preprocess": args.preprocess}
+    # What was done to the text: the flag does not apply to llama.cpp's (already preprocessed) text.
+    done = preprocessing(args.data, args.preprocess)
+    return {"task": "hellaswag", "step": model.step, **m, "data": data, "preprocess": done}
 
 
 def run_core(args) -> dict:

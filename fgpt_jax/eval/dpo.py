@@ -12,8 +12,13 @@ forward pass per step), a DPO run scores every train and validation row with it 
 policy's optimizer state exists, frees it, and carries the numbers in the batches. They are stored
 in RUN/reference_logps.npz (temp file + rename, once the run's checks have passed): one float32
 array per row table, keyed by the table's content hash, plus the run and checkpoint they came
-from. A resumed run reads them back instead of recomputing; the train loader's saved state records
-their hash, so resuming onto different reference numbers is refused rather than silently diverging.
+from. A resumed run reads them back instead of recomputing. The train loader's saved state (in every
+checkpoint) records their hash and the reference model (init_from and its checkpoint step), so on
+resume a file that does not belong to the run is refused in one line naming it and the fix: an
+unreadable or truncated file, non-finite numbers, another source model, other numbers for the train
+rows. The fix is always the same: delete the file and resume again; the reference is then scored
+again with the checkpoint the run recorded (not init_from's latest, which may have moved on), and
+checked against the recorded hash.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import functools
 import json
 import os
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,10 +40,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fgpt_jax import sharding as shd
+from fgpt_jax.checkpoint import CheckpointError, Checkpoints
 from fgpt_jax.config import DPOConfig
 from fgpt_jax.data import PreferenceBatch
 from fgpt_jax.data.loader import Rows
-from fgpt_jax.data.preferences import build_preference_data, load_pairs, val_pairs
+from fgpt_jax.data.preferences import build_preference_data, load_pairs, reference_hash, val_pairs
 from fgpt_jax.data.sources import DataError
 from fgpt_jax.errors import UserError
 from fgpt_jax.eval import Loaded, load
@@ -106,14 +113,45 @@ def preference_metrics(
     return {"pairs": int(n), **{k: float(sums[k]) / max(n, 1.0) for k in DPO_METRICS}}
 
 
+def describe(source: dict) -> str:
+    """'init_from RUN step N': the model reference log-probs come from."""
+    return f"init_from {source.get('init_from')} step {source.get('step')}"
+
+
+def same_source(a: dict, b: dict) -> bool:
+    """The same checkpoint of the same run directory (however the path was spelled)."""
+    return a.get("step") == b.get("step") and os.path.realpath(str(a.get("init_from"))) == os.path.realpath(
+        str(b.get("init_from"))
+    )
+
+
+def saved_data_state(run_dir: str | os.PathLike) -> dict:
+    """The loader state in a run's latest checkpoint ({} without one): what a resumed DPO run trained
+    with (its rows' content hash, the reference's hash and model)."""
+    run = RunDir(run_dir)
+    steps = run.checkpoint_steps()
+    if not steps:
+        return {}
+    ckpts = Checkpoints(run.checkpoints, read_only=True)
+    try:
+        return ckpts.read_json(steps[-1], "data")
+    finally:
+        ckpts.close()
+
+
 class Reference:
     """The reference log-probabilities of a DPO run's rows: `reference(rows) -> [N] float32`.
 
     With `reuse` (a resumed run), rows whose hash RUN/reference_logps.npz holds are read from it;
-    others are scored with `init_from`'s latest checkpoint (in batches of `batch_pairs`, the run's
-    validation batches, with the run's DPO settings: the same program as validation), loaded on
+    others are scored with the run's reference model: the init_from checkpoint its saved loader state
+    records (init_from's latest for a new run), in batches of `batch_pairs` (the run's validation
+    batches) with the run's DPO settings, the same program as validation. The model is loaded on
     first need and dropped by `release()`. `save()` writes the file when something was scored;
     nothing is written before.
+
+    On resume every number is checked against what the run trained with (see the module docstring):
+    a DataError names the file and the fix. `source` is the reference model ({"init_from", "step"}),
+    known once something was read or scored; the train loader records it in its state.
     `notes` says what was read or scored, for the run's log."""
 
     def __init__(
@@ -126,8 +164,24 @@ class Reference:
         self.notes: list[str] = []
         self._model = None  # (eval step, params) of init_from while scoring
         self._scored = False
+        self._saved = saved_data_state(run_dir) if reuse else {}  # what the resumed run trained with
+        # The run's reference model, as its checkpoints record it (absent in runs of fgpt-jax <= 0.2.0).
+        self.source: dict | None = self._saved.get("reference_model")
         if reuse and self.path.is_file():
-            self.arrays, self.meta = read_reference(self.path)
+            self.arrays, self.meta = read_reference(self.path, self._fix())
+            found = {"init_from": self.meta.get("init_from"), "step": self.meta.get("step")}
+            expected = self.source or {"init_from": str(init_from), "step": found["step"]}
+            if not same_source(found, expected):
+                raise DataError(
+                    f"{self.path}: scored with {describe(found)}, but this run's reference is {describe(expected)}; "
+                    f"{self._fix(expected)}"
+                )
+            self.source = self.source or found
+
+    def _fix(self, source: dict | None = None) -> str:
+        source = source or self.source
+        model = describe(source) if source else f"init_from {self.init_from}"
+        return f"delete it and resume again: the reference is then scored again with {model}"
 
     def __call__(self, rows: Rows) -> np.ndarray:
         key = rows.content_hash
@@ -136,22 +190,58 @@ class Reference:
             if logps.shape != (rows.num_rows,):
                 raise DataError(
                     f"{self.path}: holds {logps.shape[0]} log-probs for rows {key}, which have "
-                    f"{rows.num_rows}; delete it to score the reference again"
+                    f"{rows.num_rows}; {self._fix()}"
                 )
+            self._check_hash(rows, logps, read=True)
             self.notes.append(f"reference: log-probs of {rows.num_rows} rows read from {self.path}")
             return logps
         if self._model is None:
-            ref = load(self.init_from, None, self.mesh)
+            step = self.source["step"] if self.source else None
+            if step is not None and step not in RunDir(self.init_from).checkpoint_steps():
+                raise DataError(
+                    f"init_from {self.init_from}: has no checkpoint {step}, this run's reference model, to score "
+                    f"{rows.num_rows} rows missing from {self.path}; put back the file this run wrote, or start a "
+                    f"new run"
+                )
+            ref = load(self.init_from, step, self.mesh)
             self._model = dpo_eval_step(ref.graphdef, self.dpo, self.mesh), ref.params
-            self.meta = {"init_from": str(self.init_from), "step": ref.step}
+            self.source = {"init_from": str(self.init_from), "step": ref.step}
+            self.meta = dict(self.source)
         t0 = time.perf_counter()
         logps = row_logps(*self._model, rows, self.batch_pairs, self.mesh)
+        bad = int(np.count_nonzero(~np.isfinite(logps)))
+        if bad:
+            raise CheckpointError(
+                f"init_from {self.init_from}: checkpoint {self.source['step']} gives non-finite log-probs for "
+                f"{bad} of {rows.num_rows} rows (a diverged run?); DPO needs a finite reference: start from "
+                f"another run or checkpoint"
+            )
+        self._check_hash(rows, logps, read=False)
         self.arrays[key], self._scored = logps, True
         self.notes.append(
-            f"reference: {rows.num_rows} rows scored with {self.init_from} step {self.meta['step']} "
+            f"reference: {rows.num_rows} rows scored with {self.init_from} step {self.source['step']} "
             f"in {time.perf_counter() - t0:.1f} s"
         )
         return logps
+
+    def _check_hash(self, rows: Rows, logps: np.ndarray, read: bool) -> None:
+        """On resume: the train rows' log-probs must be the ones the run's loader state records."""
+        saved = self._saved
+        if saved.get("content_hash") != rows.content_hash or "reference_hash" not in saved:
+            return  # not the train rows the run trained on (the loader refuses those), or nothing recorded
+        got = reference_hash(logps)
+        if got == saved["reference_hash"]:
+            return
+        what = (
+            f"{self.path}: its log-probs of the {rows.num_rows} train rows differ from the ones this run trained "
+            f"with (hash {got}; its checkpoint records {saved['reference_hash']})"
+        )
+        if read:
+            raise DataError(f"{what}; put back the file this run wrote, or {self._fix()}")
+        raise DataError(
+            f"{what}, scored again just now with {describe(self.source)}: was init_from trained further or "
+            f"replaced? Put back the file this run wrote, or start a new run"
+        )
 
     def release(self) -> None:
         """Drop the reference model (its device buffers go with the last reference)."""
@@ -175,17 +265,24 @@ def write_reference(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> No
     os.replace(tmp, path)
 
 
-def read_reference(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """(row-table hash -> log-probs, meta) of a reference_logps.npz; ValueError in one line if unreadable."""
+def read_reference(
+    path: Path, fix: str = "delete it to score the reference again"
+) -> tuple[dict[str, np.ndarray], dict]:
+    """(row-table hash -> log-probs, meta) of a reference_logps.npz. DataError in one line, naming the
+    file and ending with `fix`, if it is unreadable (truncated, not an .npz, no meta) or holds a
+    non-finite number."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k.removeprefix("logp_"): np.asarray(z[k], np.float32) for k in z.files if k.startswith("logp_")}
             meta = json.loads(str(z["meta"]))
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(
-            f"{path}: unreadable ({' '.join(str(e).split()) or type(e).__name__}); delete it to "
-            f"score the reference again"
-        ) from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"meta is a {type(meta).__name__}, expected an object")
+    # zipfile.BadZipFile and EOFError: a truncated file (numpy reads .npz through zipfile)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: unreadable ({' '.join(str(e).split()) or type(e).__name__}); {fix}") from None
+    bad = sum(int(np.count_nonzero(~np.isfinite(v))) for v in arrays.values())
+    if bad:
+        raise DataError(f"{path}: holds {bad} non-finite log-prob{'s' if bad > 1 else ''} (NaN or inf); {fix}")
     return arrays, meta
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class Trainer:
                 self.console(f"stopped by signal {stopped} before the first step; nothing to save")
                 return {"stopped_by_signal": stopped}
             if self.start == 0 and self.p.val is not None and t.eval_every:
+                self.console("step 0: validation before training (its first call compiles the eval step)...")
                 self._report(0, self.p.val(0, self.state, {}))  # the untrained baseline: curves start at 0
             step, stopped = self._steps(stop)
             self._saved(self.checkpoints.poll(wait=True))  # the last save, on disk before we say so
@@ -109,7 +111,13 @@ class Trainer:
         pending = None  # (step, metrics on device) of the step dispatched before the current one
         step = self.start
         for step in range(self.start + 1, t.steps + 1):
+            first = step == self.start + 1  # jit compiles at the first call: tens of seconds of silence otherwise
+            if first:
+                self.console("compiling the train step (first step)...")
+                t0 = time.perf_counter()
             self.state, metrics = self.p.setup.train_step(self.state, self._device_batch(next(self.data.loader)))
+            if first:
+                self.console(f"train step compiled in {time.perf_counter() - t0:.1f} s")
             if pending is not None:
                 self._finish(*pending)
             pending = (step, metrics)
