@@ -1,8 +1,9 @@
 """The README's quickstart works as written: every command of its quickstart block is run exactly as
 printed, in a fresh working directory, and leaves what the README says it leaves.
 
-The only addition is the flag the README itself documents for slow machines (`--config.train.steps=20`),
-appended to the train command; it is read from the README, so the test follows the text. The
+The only addition is what the README itself documents for slow machines (`--config.train.steps=20
+--config.optim.warmup_steps=2`), appended to the train command; it is read from the README, so the test
+follows the text. The
 TensorBoard command (a server, in its own block) is checked through what it would show: the event
 files under runs/tiny/tb and the tags the README names.
 """
@@ -30,10 +31,12 @@ def quickstart_commands() -> list[str]:
     return [" ".join(shlex.quote(a) for a in argv) for argv in commands if argv]
 
 
-def slow_machine_flag() -> str:
-    m = re.search(r"On a slow or busy\s+machine, add `(--config\.train\.steps=\d+)` to the first command", README)
+def slow_machine_flag() -> list[str]:
+    m = re.search(
+        r"On a slow or busy\s+machine, add `(--config\.train\.steps=\d+[^`]*)` to the first\s+command", README
+    )
     assert m, "README: the slow-machine flag sentence is gone; update this test with the README"
-    return m.group(1)
+    return m.group(1).split()
 
 
 def test_quickstart_block_is_what_this_test_expects():
@@ -47,7 +50,7 @@ def test_quickstart_block_is_what_this_test_expects():
 def test_quickstart_runs_as_written(tmp_path):
     cmds = quickstart_commands()
     argvs = [shlex.split(c) for c in cmds]
-    argvs[0].append(slow_machine_flag())
+    argvs[0] += slow_machine_flag()
     for argv in argvs:
         assert argv[0] == "python"
         argv[0] = sys.executable  # the interpreter of the user's activated environment
