@@ -32,6 +32,7 @@ def _equal(a, b):
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_roundtrip_and_load_model(tmp_path):
     state = _state()
     ck = Checkpoints(tmp_path / "checkpoints")

@@ -50,6 +50,7 @@ def quiet(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if CHATTER.search(line)]
 
 
+@pytest.mark.slow
 def test_readme_quickstart_generate_with_defaults(runs):
     """`python -m fgpt_jax.generate --run runs/tiny --prompt "ROMEO:"`: the default --max-new-tokens
     (128) on a 128-token context used to be refused; now the window slides. Nothing else on stderr."""
@@ -59,6 +60,7 @@ def test_readme_quickstart_generate_with_defaults(runs):
     assert r.stdout.startswith("ROMEO:") and len(r.stdout) > len("ROMEO:\n")
 
 
+@pytest.mark.slow
 def test_generate_top_k_past_the_vocabulary_and_an_empty_prompt(runs):
     """--top-k 100000 was a JAX shape error (it now keeps every token); an empty prompt (no token)
     was refused (it now starts a new document)."""
@@ -80,6 +82,7 @@ def test_generate_top_k_past_the_vocabulary_and_an_empty_prompt(runs):
     assert [json.loads(line)["sample"] for line in r.stdout.splitlines()] == [0, 1]
 
 
+@pytest.mark.slow
 def test_chat_on_a_pretrained_run_says_so_once(runs):
     base, chat = runs
     r = cli("fgpt_jax.chat", "--run", base, "--prompt", "Hello", "--max-new-tokens", "4")
@@ -93,6 +96,7 @@ def test_chat_on_a_pretrained_run_says_so_once(runs):
     assert r.returncode == 0 and r.stderr == "" and r.stdout.endswith("\n"), r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_chat_on_stdin_prints_one_json_line_per_turn(runs):
     """Not a terminal: each input line is a turn and each answer one JSON line (it was the raw text,
     spread over as many lines as the answer had), the same answers as a ChatSession in this process."""
@@ -117,6 +121,7 @@ def test_chat_on_stdin_prints_one_json_line_per_turn(runs):
     ]
 
 
+@pytest.mark.slow
 def test_eval_and_export_print_no_library_chatter(runs, tmp_path):
     """orbax/absl warnings ("Given directory is read only", "setting save_interval_steps=0") used to
     appear on every command that reads a checkpoint; a user reads them as errors."""
@@ -135,6 +140,7 @@ def test_eval_and_export_print_no_library_chatter(runs, tmp_path):
         assert "\r" not in r.stdout + r.stderr  # no progress bar when not on a terminal
 
 
+@pytest.mark.slow
 def test_eval_hellaswag_records_the_preprocessing_done(runs, tmp_path):
     """llama.cpp's text file was recorded as "preprocess": "harness", a flag that does not apply to it."""
     base, _ = runs
@@ -146,6 +152,7 @@ def test_eval_hellaswag_records_the_preprocessing_done(runs, tmp_path):
     assert saved[-1]["preprocess"] == result["preprocess"]
 
 
+@pytest.mark.slow
 def test_train_says_what_it_does_before_the_first_step(tmp_path):
     """The quickstart sat silent for minutes on a loaded machine: tokenising the bundled corpus on first
     use (now announced on stderr, before and after) and compiling the eval and train steps (now a line
@@ -219,6 +226,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, expected", BAD, ids=[" ".join(a[0][1:3] + a[0][-2:]) for a in BAD])
 def test_bad_values_exit_2_with_one_line(runs, tmp_path, argv, expected):
     base, _ = runs
@@ -241,6 +249,7 @@ def test_bad_values_exit_2_with_one_line(runs, tmp_path, argv, expected):
         ("tiny", "[]", "data.path {f}: a file, but pretraining (data.format=tokens) reads a shard directory"),
     ],
 )
+@pytest.mark.slow
 def test_train_on_a_bad_data_file_is_one_line(runs, tmp_path, preset, content, expected):
     """An empty SFT/DPO file said "raise train.seq_len"; a Latin-1 one gave a traceback naming no file;
     a .json file as pretraining data said "shard directory not found". Nothing is written."""

@@ -219,6 +219,7 @@ def _cli(*args, env_extra=None):
     return subprocess.run([sys.executable, "-m", "fgpt_jax.data", *args], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(corpus, tmp_path):
     out = tmp_path / "cli"
     r = _cli(
@@ -244,6 +245,7 @@ def test_cli_end_to_end(corpus, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["train"]["shards"] == summary["train"]["shards"]
 
 
+@pytest.mark.slow
 def test_cli_warns_when_validation_gets_too_few_documents(tmp_path):
     """`fineweb --files` on the real 150-document CSV with the default --val-fraction (0.005, sized for
     FineWeb's millions of documents) held out 1 document without a word. It now warns on stderr, with

@@ -157,6 +157,7 @@ def trained(tmp_path_factory):
     return root / "base", root / "sft"
 
 
+@pytest.mark.slow
 def test_val_default_is_the_trainers_val_loss(trained, capsys):
     base, _ = trained
     assert main(["val", "--run", str(base), "--no-progress"]) == 0
@@ -168,6 +169,7 @@ def test_val_default_is_the_trainers_val_loss(trained, capsys):
     assert result["data"] == load_run_config(base).data.path  # the data it trained on
 
 
+@pytest.mark.slow
 def test_val_default_on_an_sft_run_is_its_masked_val_loss(trained, capsys):
     _, sft = trained
     assert main(["val", "--run", str(sft), "--no-progress"]) == 0
@@ -183,6 +185,7 @@ def test_val_default_on_an_sft_run_is_its_masked_val_loss(trained, capsys):
     assert capsys.readouterr().err.startswith("error: --max-tokens: applies to token shards; conversations (")
 
 
+@pytest.mark.slow
 def test_val_on_an_imported_run_needs_data(trained, tmp_path, capsys):
     """An imported run records no training data: `eval val` asks for --data, and with the trained
     run's own data and geometry gives back that run's val/loss (export/import is exact)."""

@@ -20,6 +20,9 @@ from fgpt_jax.eval.dpo import REFERENCE_FILE, Reference, read_reference
 from fgpt_jax.model import GPT
 from fgpt_jax.train import train
 
+# End to end (trained runs, subprocesses, servers): the full suite runs it, the fast lane does not.
+pytestmark = pytest.mark.slow
+
 DEMO = Path(__file__).parent / "data" / "dpo_en_demo_first120.json"
 MODEL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.block_size=64"]
 SHORT = [

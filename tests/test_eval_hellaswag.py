@@ -80,6 +80,7 @@ def test_scorer_equals_reference_loop(tiny, tok):
     assert metrics == pytest.approx(expected, abs=0)
 
 
+@pytest.mark.slow
 def test_compiles_once_per_bucket(tiny):
     graphdef, params = tiny
     items = load_examples(DATA, limit=40)

@@ -154,6 +154,7 @@ def _xla_bytes(overrides, mb, optimizer):
         (["model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.block_size=128"], 4, "muon"),
     ],
 )
+@pytest.mark.slow
 def test_memory_estimate_matches_xla(overrides, mb, optimizer):
     """plan.train_memory against XLA's own accounting of the compiled train step (arguments + outputs -
     donated aliases + temporaries), on CPU in float32 (XLA:CPU computes bf16 in float32 anyway)."""
@@ -261,6 +262,7 @@ def _args(tmp_path, *extra):
     return argparse.Namespace(**vars(a))
 
 
+@pytest.mark.slow
 def test_section_deadline_cuts_and_budget_refuses(tmp_path):
     c = check.Check(_args(tmp_path, "--wheels", str(tmp_path / "none")))
     ran = c.proc("echo", ["echo", "hello"])
@@ -320,6 +322,7 @@ def test_wheels_are_installed_for_the_subprocesses(tmp_path):
 # -- the PyTorch peer ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 def test_torch_peer_is_our_model_and_our_optimizer_split():
     """The peer's GPT-2, given our parameters, computes our loss (float32, CPU): the same architecture, so

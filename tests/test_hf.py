@@ -243,6 +243,7 @@ def test_import_storage_variants(tmp_path, params, storage):
         assert x.dtype == np.float32 and np.array_equal(x, tensors[name].astype(np.float32)), name
 
 
+@pytest.mark.slow
 def test_cli_import_export(tmp_path, params, capsys):
     src = tmp_path / "src"
     write_checkpoint(src, params, prefix="", buffers=True, lm_head=True)
@@ -541,6 +542,7 @@ def _perturbed_hf_model(seed, safetensors_dir=None):
     return torch, transformers, m
 
 
+@pytest.mark.slow
 def test_transformers_checkpoints_import_with_same_logits(tmp_path):
     torch, transformers, m = _perturbed_hf_model(0)
     m.save_pretrained(tmp_path / "st")
@@ -558,6 +560,7 @@ def test_transformers_checkpoints_import_with_same_logits(tmp_path):
         hf.from_hf(str(tmp_path / "bin"))
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_same_logits_and_tokens(tmp_path, tok):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -129,6 +129,7 @@ def test_draw_follows_the_distribution_and_skips_filtered_tokens():
 # ---- the engine ----
 
 
+@pytest.mark.slow
 def test_alone_equals_generator_and_the_full_forward(engine, gen, reference, prompts):
     for p in prompts[:3]:
         tokens = engine.generate(p, GREEDY).tokens
@@ -136,6 +137,7 @@ def test_alone_equals_generator_and_the_full_forward(engine, gen, reference, pro
         assert len(set(tokens)) >= 8  # varied text, not one repeated token
 
 
+@pytest.mark.slow
 def test_busy_batch_equals_alone(engine, reference, prompts):
     """More requests than slots, different lengths and budgets, joining while others decode."""
     budgets = [12, 3, 30, 12, 1, 25, 8, 12, 20]
@@ -150,6 +152,7 @@ def test_busy_batch_equals_alone(engine, reference, prompts):
     assert [r.generated for r in reqs] == budgets
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_the_same_alone_or_batched(engine, prompts):
     params = [
         SamplingParams(max_tokens=15, temperature=1.0, top_k=k, top_p=p, seed=i)

@@ -155,6 +155,7 @@ def _sliding_reference(full_forward, prompt, n, L, keep, pad=0):
     return seq[-n:]
 
 
+@pytest.mark.slow
 def test_generates_past_the_context(model, full_forward):
     """A 64-token context generates 200 tokens: greedy generate == greedy stream; each window
     continues the text (== the plain forward pass over that window); the tokens before the first
@@ -211,6 +212,7 @@ def test_within_the_context_nothing_slides(model, full_forward):
     assert out == _greedy_reference(full_forward, prompt, n) == list(gen.stream(prompt, n, temperature=0))
 
 
+@pytest.mark.slow
 def test_sampling_past_the_context_is_reproducible(model):
     """Sampled past the context: the same seed gives the same tokens, generated or streamed."""
     gen = Generator.from_model(model, stop_ids=())
@@ -241,6 +243,7 @@ def test_text_streamer_holds_split_characters():
     assert all("\ufffd" not in p for p in pieces)
 
 
+@pytest.mark.slow
 def test_generate_cli_on_trained_run(tmp_path):
     from fgpt_jax.config import apply_overrides, load_config
     from fgpt_jax.train import train

@@ -23,6 +23,9 @@ import pytest
 from fgpt_jax.inference.protocol import ChoiceText
 from fgpt_jax.tokenizer import get_tokenizer
 
+# End to end (trained runs, subprocesses, servers): the full suite runs it, the fast lane does not.
+pytestmark = pytest.mark.slow
+
 KEY = "test-key"
 MODEL = "tiny-run"
 

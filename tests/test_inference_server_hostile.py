@@ -28,6 +28,9 @@ import httpx
 import openai
 import pytest
 
+# End to end (trained runs, subprocesses, servers): the full suite runs it, the fast lane does not.
+pytestmark = pytest.mark.slow
+
 MODEL = "dpo-run"
 REQUEST_TIMEOUT = 5.0  # --request-timeout (s): long enough to tell "closed at once" from "timed out"
 KEEP_ALIVE = 1.0  # --keep-alive-timeout (s)

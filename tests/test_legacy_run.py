@@ -13,6 +13,9 @@ from fgpt_jax.config import load_run_config
 from fgpt_jax.eval.__main__ import main as eval_main
 from fgpt_jax.train import train
 
+# End to end (trained runs, subprocesses, servers): the full suite runs it, the fast lane does not.
+pytestmark = pytest.mark.slow
+
 LEGACY = Path(__file__).parent / "data" / "legacy_run_v0_1"
 
 

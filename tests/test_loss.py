@@ -95,6 +95,7 @@ def test_eval_step_equal():
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_step_with_chunked_loss_matches():
     """The real jitted step (2 scanned micro-batches, AdamW), two steps: the same losses and
     gradient norms. (Parameters are not compared: Adam's first update is lr * sign(g), which turns
@@ -122,6 +123,7 @@ def _temp_bytes(cfg, batch) -> int:
     return f.lower(params).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_chunked_loss_never_holds_the_whole_logits():
     """XLA's own accounting of the compiled gradient program: the plain path keeps the [B, T, V]
     float32 logits (51.5 MB here) among its temporaries, the chunked path needs less than half of

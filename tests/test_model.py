@@ -22,6 +22,7 @@ COUNTS = {
 HF_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", COUNTS)
 def test_param_counts_from_shapes(name):
     cfg = GPTConfig.preset(name)
@@ -29,6 +30,7 @@ def test_param_counts_from_shapes(name):
     assert count_params(model) == COUNTS[name] == cfg.num_params()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", HF_COUNTS)
 def test_param_counts_match_openai_gpt2(name):
     cfg = GPTConfig.preset(name, vocab_size=50257)
@@ -156,6 +158,7 @@ def _loss_and_grads(model, tokens):
     return nnx.jit(nnx.value_and_grad(loss_fn))(model)
 
 
+@pytest.mark.slow
 def test_remat_same_loss_and_grads(tiny_config):
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 50257, (2, 17)), jnp.int32)
     plain = GPT(tiny_config, rngs=nnx.Rngs(0))
@@ -255,6 +258,7 @@ def _loss_and_grads_fn(cfg):
     return params, jax.jit(jax.value_and_grad(loss_fn))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True])
 def test_scan_layers_same_logits_and_grads(tiny_config, remat):
     """scan_layers runs the blocks as one lax.scan over their stacked parameters: the same function,

@@ -185,6 +185,7 @@ def tiny_labels():
     return named_leaves(param_labels(nnx.state(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
 
 
+@pytest.mark.slow
 def test_fgpt_preset_is_fgpts_torch_optimizer(tiny_labels):
     """FGPT built torch.optim.Muon(hidden, lr=0.03) (PyTorch's defaults: momentum 0.95 without bias
     correction, Nesterov, bf16 Newton-Schulz, decoupled weight decay 0.1) and AdamW(rest, 3e-4,
@@ -266,6 +267,7 @@ def test_newton_schulz_bf16_is_torchs():
     assert sum(d == 0 for d in diffs) >= 3, diffs  # torch's bits, not only its accuracy
 
 
+@pytest.mark.slow
 def test_bf16_newton_schulz_stays_close_to_float32():
     cfg = GPTConfig.preset("tiny", n_layer=1, n_embd=64, n_head=2, block_size=16, vocab_size=512)
     params = nnx.state(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
@@ -311,6 +313,7 @@ def test_torch_momentum_rule_against_numpy():
         assert rel < 1e-3 if k == 0 else rel > 0.03, (k, rel)
 
 
+@pytest.mark.slow
 def test_momentum_rules_share_one_resumable_state():
     """Both rules and both Newton-Schulz dtypes keep the same state (structure, shapes, dtypes) and the
     same momentum buffer (the EMA of the gradients), so a run may switch either on resume; a state
@@ -338,6 +341,7 @@ def test_momentum_rules_share_one_resumable_state():
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(u))
 
 
+@pytest.mark.slow
 def test_restart_schedule_resets_schedules_only():
     cfg = GPTConfig.preset("tiny", n_layer=1, n_embd=64, n_head=2, block_size=16, vocab_size=512)
     params = nnx.state(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)

@@ -41,6 +41,7 @@ def run(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_plot_cli(run, tmp_path):
     out = plot(run)
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"

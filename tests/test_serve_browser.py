@@ -13,9 +13,12 @@ import threading
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not installed (Debian: apt-get install chromium)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not installed (Debian: apt-get install chromium)"
+    ),
+    pytest.mark.slow,  # a server and a browser: the full suite runs it, the fast lane does not
+]
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,9 @@ from fgpt_jax.optim import OptimConfig
 from fgpt_jax.train import TrainingError, train
 from fgpt_jax.train.step import init_train_state, make_train_step
 
+# End to end (trained runs, subprocesses, servers): the full suite runs it, the fast lane does not.
+pytestmark = pytest.mark.slow
+
 DATA = Path(__file__).parent / "data"
 DEMO = DATA / "dpo_en_demo_first120.json"
 LN2 = math.log(2.0)

@@ -18,6 +18,9 @@ from fgpt_jax.config import ConfigError, apply_overrides, load_config
 from fgpt_jax.train import TrainingError, train
 from fgpt_jax.train import hooks as H
 
+# End to end (trained runs, subprocesses, servers): the full suite runs it, the fast lane does not.
+pytestmark = pytest.mark.slow
+
 SMALL = [
     "model.n_layer=1",
     "model.n_embd=32",

@@ -10,6 +10,9 @@ import pytest
 from fgpt_jax.config import apply_overrides, load_config, load_run_config, resolve_config
 from fgpt_jax.train import TrainingError, train
 
+# End to end (trained runs, subprocesses, servers): the full suite runs it, the fast lane does not.
+pytestmark = pytest.mark.slow
+
 DATA = Path(__file__).parent / "data"
 MODEL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.block_size=64"]
 

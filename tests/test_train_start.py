@@ -40,6 +40,7 @@ def cosine(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+@pytest.mark.slow
 def test_extending_a_run_prints_the_old_and_new_schedule(tmp_path):
     """4 steps, then --resume with train.steps=8: the log says so, with both schedules, and the rates
     it names for step 5 are the ones step 5 is trained with (metrics.jsonl) and the ones the saved

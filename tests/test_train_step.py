@@ -30,6 +30,7 @@ def _run(ocfg, tokens, steps, cfg=None, accum=1, tx=None):
     return state, losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,lr", [("muon", 3e-3), ("adamw", 3e-3)])
 def test_loss_falls_on_repeated_batch(name, lr):
     tokens = np.random.default_rng(0).integers(0, 2000, (4, 17))

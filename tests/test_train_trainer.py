@@ -74,6 +74,7 @@ def straight_run(tmp_path_factory):
     return run, last
 
 
+@pytest.mark.slow
 def test_a_user_hook_runs_at_its_cadence_and_is_logged(straight_run):
     run, last = straight_run
     rows = [r for r in read_metrics(run) if "param_norm" in r]
@@ -83,6 +84,7 @@ def test_a_user_hook_runs_at_its_cadence_and_is_logged(straight_run):
     assert "step 3: param_norm" in (run / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_run_directory(straight_run):
     run, last = straight_run
     cfg = small_config()
@@ -102,6 +104,7 @@ def test_run_directory(straight_run):
     assert (run / "train.log").read_text().count("val/loss") == 3
 
 
+@pytest.mark.slow
 def test_tensorboard_events_read_back(straight_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -116,6 +119,7 @@ def test_tensorboard_events_read_back(straight_run):
     assert loss8 == pytest.approx(losses(run)[8], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_loaded_model_reproduces_val_loss(straight_run):
     from fgpt_jax.data.bundled import resolve
     from fgpt_jax.data.loader import val_windows
@@ -138,6 +142,7 @@ def test_loaded_model_reproduces_val_loss(straight_run):
     assert nats / math.log(2) / nbytes == pytest.approx(last["val/bpb"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_exact(straight_run, tmp_path):
     """N steps, SIGTERM, resume: identical losses and parameters to the straight run."""
     run_a, _ = straight_run
@@ -159,6 +164,7 @@ def test_sigterm_then_resume_is_exact(straight_run, tmp_path):
     assert "resumed from step" in (run_b / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_hellaswag_inside_training(tmp_path):
     from pathlib import Path
 
@@ -179,6 +185,7 @@ def test_hellaswag_inside_training(tmp_path):
     assert last["hellaswag/acc"] == rows[0]["hellaswag/acc"]
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume(straight_run):
     run, _ = straight_run
     with pytest.raises(TrainingError, match="already holds checkpoints; pass --resume"):
@@ -187,6 +194,7 @@ def test_existing_run_needs_resume(straight_run):
         train(small_config("model.n_layer=3"), run, resume=True)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = small_config(
         "optim.name=adamw",
@@ -213,6 +221,7 @@ def _cli(*args, env_extra=None, timeout=300):
     )
 
 
+@pytest.mark.slow
 def test_cli_help_and_bad_input(tmp_path):
     r = _cli("--help")
     assert r.returncode == 0 and "--resume" in r.stdout and "--config" in r.stdout

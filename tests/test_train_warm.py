@@ -20,6 +20,9 @@ from fgpt_jax.train import TrainingError, train
 from fgpt_jax.train.start import prepare
 from fgpt_jax.train.trainer import StopSignal, Trainer
 
+# End to end (trained runs, subprocesses, servers): the full suite runs it, the fast lane does not.
+pytestmark = pytest.mark.slow
+
 SMALL = [
     "model.n_layer=1",
     "model.n_embd=32",
