@@ -72,7 +72,10 @@ class HellaSwagScorer:
             raise ValueError("HellaSwagScorer: no examples")
         tokenizer = tokenizer or get_tokenizer()
         self.progress = progress
-        self.spans = SpanScorer(block_size, rows=N_ENDINGS * max(batch_size, 1), buckets=buckets, mesh=mesh)
+        # One data set, scored again and again: K exactly what it needs (no shared program grid).
+        self.spans = SpanScorer(
+            block_size, rows=N_ENDINGS * max(batch_size, 1), buckets=buckets, mesh=mesh, shared_k=False
+        )
         self.block_size, self.buckets = block_size, self.spans.buckets
         self.batch_size = self.spans.rows // N_ENDINGS
         self.labels_N = np.array([ex.label for ex in examples], np.int64)
@@ -119,7 +122,7 @@ class HellaSwagScorer:
             disable=not (self.progress and jax.process_index() == 0),
         )
         with bar:
-            scores = self.spans(graphdef, params, self._packed, bar.update)
+            scores = self.spans(graphdef, params, self._packed, bar.update, with_greedy=False)  # sums only
         return scores.sums().reshape(-1, N_ENDINGS), self.ntok_NE.copy()
 
     def __call__(self, graphdef: nnx.GraphDef, params) -> dict:

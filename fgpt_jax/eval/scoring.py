@@ -56,12 +56,20 @@ def default_buckets(block_size: int, smallest: int = 64) -> tuple[int, ...]:
     return tuple(out + [block_size])
 
 
-def gathered_k(needed: int, positions: int) -> int:
+def gathered_k(needed: int, positions: int, shared: bool = True) -> int:
     """K, the LM-head rows per device for a bucket whose batches need at most `needed` of their
-    `positions` (rows per device x L): a power of two, at least positions/64 (and 8). The floor
-    keeps the number of programs a bucket can need, whatever data sets it scores (CORE's 20 tasks
-    need from 1 to 120 scored tokens per row), at seven or fewer, for a head that computes under
-    twice the positions it needs, or positions/64 (a small share of the blocks' work)."""
+    `positions` (rows per device x L).
+
+    shared (the default): a power of two, at least positions/64 (and 8). The floor keeps the number
+    of programs a bucket can need, whatever data sets it scores (CORE's 20 tasks need from 1 to 120
+    scored tokens per row), at seven or fewer, for a head that computes under twice the positions it
+    needs, or positions/64 (a small share of the blocks' work).
+    not shared: `needed` rounded up to a multiple of 8, for one data set scored again and again
+    (HellaSwag in training): no head work wasted, one program per bucket of that data set. On a
+    model whose cost is the head (the tiny one: 50,304 x 128) the power-of-two K cost a third of the
+    throughput (benchmarks/RESULTS.md, "HellaSwag scorer after the span-scorer refactor")."""
+    if not shared:
+        return min(max(8, -(-needed // 8) * 8), positions)
     k = 8
     while k < needed or k < positions // 64:
         k *= 2
@@ -143,7 +151,8 @@ class SpanScorer:
     every bucket so memory stays bounded by rows x block_size; `compiles` counts traces (one per
     (bucket, K) shape used, then none). `vocab_size` limits the log-softmax and the argmax to the
     first ids of the model's (padded) vocabulary: the rows a Hugging Face export keeps, so scores
-    equal those of the exported model (default: every row)."""
+    equal those of the exported model (default: every row). `shared_k` picks K on a power-of-two grid
+    that different data sets share (default), or exactly for one data set (`gathered_k`)."""
 
     def __init__(
         self,
@@ -152,11 +161,12 @@ class SpanScorer:
         buckets: Sequence[int] | None = None,
         mesh: Mesh | None = None,
         vocab_size: int | None = None,
+        shared_k: bool = True,
     ):
         if block_size < 2:
             raise ValueError(f"block_size={block_size}: need at least 2 positions to score a token")
         self.mesh = mesh if mesh is not None else shd.make_mesh()
-        self.block_size, self.compiles, self.vocab_size = block_size, 0, vocab_size
+        self.block_size, self.compiles, self.vocab_size, self.shared_k = block_size, 0, vocab_size, shared_k
         self.buckets = tuple(sorted(set(buckets or default_buckets(block_size))))
         if self.buckets[-1] > block_size or self.buckets[0] < 2:
             raise ValueError(f"buckets {self.buckets}: each must lie in [2, block_size={block_size}]")
@@ -169,7 +179,7 @@ class SpanScorer:
         self._proc_devs = slice(p * S // n_proc, (p + 1) * S // n_proc)
         self._row_sharding = shd.batch_sharding(self.mesh, 2)
         # Replicated output: small ([S, K] values), and readable on every process.
-        self._fn = jax.jit(self._score, static_argnums=0, out_shardings=NamedSharding(self.mesh, P()))
+        self._fn = jax.jit(self._score, static_argnums=(0, 1), out_shardings=NamedSharding(self.mesh, P()))
 
     # -- host side: layout ------------------------------------------------------------------------
     def pack(self, spans: Sequence[Span]) -> Packed:
@@ -208,7 +218,7 @@ class SpanScorer:
                     pos.append(local * L + t - 1)  # the output at t - 1 predicts token t
                     tgt.append(seq[t])
                     row.append(np.full(len(t), r))
-            K = gathered_k(max(sum(map(len, p[0])) for batch in parts for p in batch), Rd * L)
+            K = gathered_k(max(sum(map(len, p[0])) for batch in parts for p in batch), Rd * L, self.shared_k)
             arrays = [np.zeros((nb, S, K), np.int32) for _ in range(2)] + [np.full((nb, S, K), -1, np.int32)]
             for k in range(nb):
                 for s in range(S):
@@ -224,7 +234,7 @@ class SpanScorer:
         return [(len(b.span_BR), self.rows, b.length, b.k) for b in packed.buckets]
 
     # -- device side ------------------------------------------------------------------------------
-    def _score(self, graphdef, params, tokens_RL, pos_SK, tgt_SK):
+    def _score(self, graphdef, greedy: bool, params, tokens_RL, pos_SK, tgt_SK):
         self.compiles += 1  # runs at trace time only
         model = nnx.merge(graphdef, params)
         h_RLD = model.hidden_states(tokens_RL)
@@ -239,13 +249,21 @@ class SpanScorer:
             logits_SKV = logits_SKV[..., : self.vocab_size]
         lse_SK = jax.nn.logsumexp(logits_SKV, axis=-1)
         lp_SK = jnp.take_along_axis(logits_SKV, tgt_SK[:, :, None], axis=-1)[..., 0] - lse_SK
+        if not greedy:  # the argmax is one more pass over [S, K, V]: a third of the tiny model's time
+            return lp_SK, jnp.zeros(lp_SK.shape, bool)
         greedy_SK = jnp.argmax(logits_SKV, axis=-1) == tgt_SK
         return lp_SK, greedy_SK
 
     def __call__(
-        self, graphdef: nnx.GraphDef, params, packed: Packed, progress: Callable[[int], object] | None = None
+        self,
+        graphdef: nnx.GraphDef,
+        params,
+        packed: Packed,
+        progress: Callable[[int], object] | None = None,
+        with_greedy: bool = True,
     ) -> Scores:
-        """Score every span of `packed` with the model (graphdef, params); `progress(1)` per batch."""
+        """Score every span of `packed` with the model (graphdef, params); `progress(1)` per batch.
+        `with_greedy=False` skips the argmax (its flags come back all False): for log-probs alone."""
         logprobs: list = [None] * packed.n
         greedy: list = [None] * packed.n
 
@@ -269,6 +287,7 @@ class SpanScorer:
             for k in range(len(bk.span_BR)):
                 out = self._fn(
                     graphdef,
+                    with_greedy,
                     params,
                     shd.global_batch(bk.tokens_BRL[k][self._proc_rows], self._row_sharding),
                     shd.global_batch(bk.pos_BSK[k][self._proc_devs], self._row_sharding),
