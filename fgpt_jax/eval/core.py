@@ -266,7 +266,8 @@ class CoreEvaluator:
             if on_task is not None:
                 on_task(prep.task.label)
             t0 = time.perf_counter()
-            scores = self.scorer(graphdef, params, prep.packed, progress)
+            lm = prep.task.task_type == "language_modeling"  # only these read the argmax flags
+            scores = self.scorer(graphdef, params, prep.packed, progress, with_greedy=lm)
             decided = decide(prep, scores.logprobs, scores.greedy)
             yield prep, decided, time.perf_counter() - t0
 
