@@ -134,10 +134,14 @@ class Packed:
 
 @dataclass
 class Scores:
-    """Per span i: `logprobs[i]` float32 [n_targets_i] and `greedy[i]` bool [n_targets_i]."""
+    """Per span i: `logprobs[i]` float32 [n_targets_i] and `greedy[i]` bool [n_targets_i]; with
+    `top_k` > 0, also the k most likely tokens at each target position, most likely first:
+    `top_ids[i]` int32 [n_targets_i, k] and `top_logprobs[i]` float32 [n_targets_i, k]."""
 
     logprobs: list[np.ndarray]
     greedy: list[np.ndarray]
+    top_ids: list[np.ndarray] | None = None
+    top_logprobs: list[np.ndarray] | None = None
 
     def sums(self) -> np.ndarray:
         """The total log-probability of each span's targets, float64 [N]."""
@@ -179,7 +183,7 @@ class SpanScorer:
         self._proc_devs = slice(p * S // n_proc, (p + 1) * S // n_proc)
         self._row_sharding = shd.batch_sharding(self.mesh, 2)
         # Replicated output: small ([S, K] values), and readable on every process.
-        self._fn = jax.jit(self._score, static_argnums=(0, 1), out_shardings=NamedSharding(self.mesh, P()))
+        self._fn = jax.jit(self._score, static_argnums=(0, 1, 2), out_shardings=NamedSharding(self.mesh, P()))
 
     # -- host side: layout ------------------------------------------------------------------------
     def pack(self, spans: Sequence[Span]) -> Packed:
@@ -234,7 +238,7 @@ class SpanScorer:
         return [(len(b.span_BR), self.rows, b.length, b.k) for b in packed.buckets]
 
     # -- device side ------------------------------------------------------------------------------
-    def _score(self, graphdef, greedy: bool, params, tokens_RL, pos_SK, tgt_SK):
+    def _score(self, graphdef, greedy: bool, top_k: int, params, tokens_RL, pos_SK, tgt_SK):
         self.compiles += 1  # runs at trace time only
         model = nnx.merge(graphdef, params)
         h_RLD = model.hidden_states(tokens_RL)
@@ -249,6 +253,14 @@ class SpanScorer:
             logits_SKV = logits_SKV[..., : self.vocab_size]
         lse_SK = jax.nn.logsumexp(logits_SKV, axis=-1)
         lp_SK = jnp.take_along_axis(logits_SKV, tgt_SK[:, :, None], axis=-1)[..., 0] - lse_SK
+        if top_k:
+            top_SKk, ids_SKk = jax.lax.top_k(logits_SKV, top_k)
+            top_SKk = top_SKk - lse_SK[..., None]
+            greedy_SK = ids_SKk[..., 0] == tgt_SK
+            # A target that is the argmax gets the top-1 value itself, bit for bit: clients (lm-eval's
+            # local-completions) call a token greedy when its log-prob equals the largest one.
+            lp_SK = jnp.where(greedy_SK, top_SKk[..., 0], lp_SK)
+            return lp_SK, greedy_SK, ids_SKk.astype(jnp.int32), top_SKk
         if not greedy:  # the argmax is one more pass over [S, K, V]: a third of the tiny model's time
             return lp_SK, jnp.zeros(lp_SK.shape, bool)
         greedy_SK = jnp.argmax(logits_SKV, axis=-1) == tgt_SK
@@ -261,24 +273,28 @@ class SpanScorer:
         packed: Packed,
         progress: Callable[[int], object] | None = None,
         with_greedy: bool = True,
+        top_k: int = 0,
     ) -> Scores:
         """Score every span of `packed` with the model (graphdef, params); `progress(1)` per batch.
-        `with_greedy=False` skips the argmax (its flags come back all False): for log-probs alone."""
-        logprobs: list = [None] * packed.n
-        greedy: list = [None] * packed.n
+        `with_greedy=False` skips the argmax (its flags come back all False): for log-probs alone.
+        `top_k` > 0 also returns the k most likely tokens at each target position (`Scores.top_ids`,
+        `Scores.top_logprobs`; the greedy flags then come from the top-1, whatever `with_greedy`)."""
+        top_k = int(top_k)
+        if not 0 <= top_k <= (self.vocab_size or top_k):
+            raise ValueError(f"top_k={top_k}: expected 0 to the scored vocabulary ({self.vocab_size})")
+        fields: list[list] = [[None] * packed.n for _ in range(4 if top_k else 2)]
 
         def collect(bk: _Bucket, k: int, out) -> None:
-            lp_SK, greedy_SK = (np.asarray(x) for x in jax.device_get(out))
+            arrays = [np.asarray(x) for x in jax.device_get(out)]
             row_SK = bk.row_BSK[k]
             valid = row_SK >= 0
             span = bk.span_BR[k][row_SK[valid]]
             # A span lies in one row, so its targets are one contiguous run, in order, of the
             # flattened valid positions: split at the runs' starts.
             starts = np.flatnonzero(np.r_[True, span[1:] != span[:-1]])
-            for i, lp, g in zip(
-                span[starts], np.split(lp_SK[valid], starts[1:]), np.split(greedy_SK[valid], starts[1:])
-            ):
-                logprobs[i], greedy[i] = lp, g
+            for field, arr in zip(fields, arrays):
+                for i, part in zip(span[starts], np.split(arr[valid], starts[1:])):
+                    field[i] = part
             if progress is not None:
                 progress(1)
 
@@ -288,6 +304,7 @@ class SpanScorer:
                 out = self._fn(
                     graphdef,
                     with_greedy,
+                    top_k,
                     params,
                     shd.global_batch(bk.tokens_BRL[k][self._proc_rows], self._row_sharding),
                     shd.global_batch(bk.pos_BSK[k][self._proc_devs], self._row_sharding),
@@ -298,4 +315,4 @@ class SpanScorer:
                 pending = (bk, k, out)
         if pending is not None:
             collect(*pending)
-        return Scores(logprobs, greedy)
+        return Scores(*fields)

@@ -86,6 +86,7 @@ class Request:
         self.listener = listener
         self.tokens: list[int] = []
         self.generated = 0
+        self.stop_token: int | None = None  # the stop token that ended it (finish_reason "stop"), if any
         self.finish_reason: str | None = None
         self.finished = threading.Event()
         self.row: int | None = None
@@ -410,6 +411,7 @@ class Engine:
                 continue
             req.generated += 1
             if tok in self.stop_ids:
+                req.stop_token = tok
                 self._finish(req, "stop")
                 continue
             req.tokens.append(tok)

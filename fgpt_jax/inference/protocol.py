@@ -27,6 +27,8 @@ class Limits:
     max_message_chars: int = 100_000
     max_n: int = 8
     max_stop: int = 4  # as OpenAI
+    max_logprobs: int = 20  # top log-probs per token in /v1/completions (OpenAI's legacy API: 5; vLLM: 20)
+    max_score_rows: int = 16  # sequences per scoring batch for echo / logprobs (memory: rows x context)
 
 
 class APIError(Exception):
@@ -93,7 +95,11 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    # Text, several texts, token ids, or several lists of token ids (what lm-eval's local-completions sends).
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: no new tokens (with echo: score the prompt only)
+    echo: bool | None = None  # the prompt comes back before the completion (with its log-probs)
+    logprobs: int | None = Field(None, ge=0)  # the log-prob of each token and its `logprobs` most likely
 
 
 MAX_INT_DIGITS = 4300  # Python's own limit for int(str); past it json.loads raises a bare ValueError

@@ -9,11 +9,20 @@ share one decode batch. The wire format's models and the text of a choice live i
 Errors are OpenAI's error object `{"error": {"message", "type", "param", "code"}}` with the status:
 401 missing or wrong bearer key (with `api_key`), 413 a body, message count or message over the limits,
 400 malformed JSON (nested too deeply included) or a request this server can never run (max_tokens
-past the context, conversation shape, more generations (n x prompts) than its batch and queue hold),
+past the context, conversation shape, more generations (n x prompts) than its batch and queue hold,
+a token id outside the vocabulary, an echo/logprobs prompt that does not fit, streaming with echo or
+logprobs),
 422 a body that does not match the schema (strict types, ranges), 404 an unknown model or route,
 503 the engine's queue is full for now (with `Retry-After`) or the engine has stopped. Unknown fields
 are ignored, as OpenAI does. Limits on connections themselves (slow clients, their number) are the
 HTTP server's: connections.py.
+
+`/v1/completions` also takes what lm-evaluation-harness's `local-completions` model sends: token-id
+prompts (a list of ids, or a list of such lists), `echo` (the prompt comes back before the
+completion), `logprobs: k` (OpenAI's legacy `logprobs` object, up to `Limits.max_logprobs`) and
+`max_tokens: 0`. Those requests never cut the prompt (it must fit: a 400 `context_length_exceeded`
+otherwise) and get their log-probabilities from the evaluations' span scorer (logprobs.py), so a task
+scores over HTTP as `python -m fgpt_jax.eval harness` scores it in process.
 
 Chat requests render with the tokenizer's chat template (user text is always ordinary text: typing
 "<|assistant|>" cannot open a turn). A conversation longer than the context drops its oldest
@@ -44,6 +53,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from fgpt_jax.inference.engine import Engine, EngineBusy, EngineClosed, SamplingParams
+from fgpt_jax.inference.logprobs import PromptScorer, legacy_logprobs
 from fgpt_jax.inference.protocol import (
     APIError,
     ChatRequest,
@@ -123,6 +133,14 @@ class Server:
         self.tok = get_tokenizer()
         self.block, self.vocab = engine.config.block_size, engine.config.vocab_size
         self.created = int(time.time())
+        self._prompt_scorer: PromptScorer | None = None
+
+    def prompt_scorer(self) -> PromptScorer:
+        """The scorer of `echo` and `logprobs` requests, built on first use (most servers never need it)."""
+        if self._prompt_scorer is None:
+            e = self.engine
+            self._prompt_scorer = PromptScorer(e.graphdef, e.params, self.block, max_rows=self.limits.max_score_rows)
+        return self._prompt_scorer
 
     # -- checks shared by both endpoints --
     def check_key(self, request: Request) -> None:
@@ -165,8 +183,8 @@ class Server:
         n = body.n or 1
         if n > self.limits.max_n:
             raise APIError(422, f"n: at most {self.limits.max_n}", param="n")
-        requested = body.max_completion_tokens or body.max_tokens
-        max_tokens = requested or min(256, self.block // 2)  # the chat CLI's default
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = min(256, self.block // 2) if requested is None else requested  # the chat CLI's default
         if max_tokens >= self.block:
             raise APIError(
                 400,
@@ -218,15 +236,34 @@ class Server:
             history, dropped = history[cut:], dropped + cut
 
     def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts or len(prompts) > self.limits.max_messages:
+        """The prompts as token ids: text is encoded as ordinary text (an empty one starts a new document,
+        as GPT-2 was trained: after <|endoftext|>); token ids are taken as they are, each checked to be
+        one the tokenizer has (special tokens included)."""
+        prompt = body.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt or len(prompt) > self.limits.max_messages:
             raise APIError(
-                413 if prompts else 422, f"prompt: between 1 and {self.limits.max_messages} prompts", param="prompt"
+                413 if prompt else 422, f"prompt: between 1 and {self.limits.max_messages} prompts", param="prompt"
             )
-        if any(len(p) > self.limits.max_message_chars for p in prompts):
-            raise APIError(413, f"prompt: at most {self.limits.max_message_chars} characters", param="prompt")
-        # An empty prompt starts a new document, as GPT-2 was trained: after <|endoftext|>.
-        return [self.tok.encode(p) or [self.tok.eot_id] for p in prompts]
+        if any(len(p) > self.limits.max_message_chars for p in prompt):
+            unit = "characters" if isinstance(prompt[0], str) else "tokens"
+            raise APIError(413, f"prompt: at most {self.limits.max_message_chars} {unit}", param="prompt")
+        if isinstance(prompt[0], str):
+            return [self.tok.encode(p) or [self.tok.eot_id] for p in prompt]
+        for i, ids in enumerate(prompt):
+            where = "prompt" if isinstance(body.prompt[0], int) else f"prompt.{i}"
+            if not ids:
+                raise APIError(422, f"{where}: a list of token ids needs at least one id", param=where)
+            bad = next((j for j, t in enumerate(ids) if not 0 <= t < self.tok.n_vocab), None)
+            if bad is not None:
+                raise APIError(
+                    400,
+                    f"{where}.{bad}: token id {ids[bad]} is not in this model's vocabulary [0, {self.tok.n_vocab})",
+                    param=f"{where}.{bad}",
+                    code="invalid_token_id",
+                )
+        return [list(p) for p in prompt]
 
     # -- running --
     def submit(self, prompts: list[list[int]], params: list[SamplingParams]):
@@ -294,34 +331,10 @@ class Server:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = self.stream(kind, reqs, events, texts, meta, usage, include_usage, trimmed)
             return EventStream(stream, media_type="text/event-stream", headers=headers)
-        try:
-            async with anyio.create_task_group() as tg:  # a client that leaves cancels its requests
-
-                async def watch():
-                    while (await request.receive())["type"] != "http.disconnect":
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch)
-                open_ = len(reqs)
-                while open_:
-                    for i, tok in await events.take():
-                        if tok is None:
-                            open_ -= 1
-                            continue
-                        texts[i].push(tok)
-                        if texts[i].stopped:
-                            reqs[i].cancel("stop")
-                tg.cancel_scope.cancel()
-        finally:
-            for r in reqs:
-                r.cancel()
+        await self.collect(request, reqs, events, texts)
         choices = []
         for i, (r, t) in enumerate(zip(reqs, texts)):
-            t.finish()
-            if r.finish_reason == "error":
-                raise APIError(503, "The engine stopped while decoding.", kind="server_error")
-            reason = "length" if r.finish_reason == "length" else "stop"
+            reason = self.finish(r, t)
             if kind == "chat":
                 choices.append(
                     {
@@ -343,6 +356,49 @@ class Server:
         if trimmed:
             out["trimmed"] = trimmed
         return JSONResponse(out, headers=headers)
+
+    @staticmethod
+    async def collect(request: Request, reqs, events: Inbox, texts: list[ChoiceText]) -> list[list[int]]:
+        """Wait for every request to finish (a client that leaves cancels them all); push each token into
+        its choice's text. Returns each choice's tokens up to the one that completed a `stop` string
+        (or its last), then the stop token that ended it, if any: what its log-probs cover."""
+        shown: list[list[int]] = [[] for _ in reqs]
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch():
+                    while (await request.receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch)
+                open_ = len(reqs)
+                while open_:
+                    for i, tok in await events.take():
+                        if tok is None:
+                            open_ -= 1
+                            continue
+                        if not texts[i].stopped:
+                            shown[i].append(tok)
+                        texts[i].push(tok)
+                        if texts[i].stopped:
+                            reqs[i].cancel("stop")
+                tg.cancel_scope.cancel()
+        finally:
+            for r in reqs:
+                r.cancel()
+        for r, t, toks in zip(reqs, texts, shown):
+            if r.stop_token is not None and not t.stopped:
+                toks.append(r.stop_token)
+        return shown
+
+    @staticmethod
+    def finish(r, t: ChoiceText) -> str:
+        """A choice's finish_reason once its request is done (its held-back text flushed)."""
+        t.finish()
+        if r.finish_reason == "error":
+            raise APIError(503, "The engine stopped while decoding.", kind="server_error")
+        return "length" if r.finish_reason == "length" else "stop"
 
     async def stream(self, kind, reqs, events, texts, meta, usage, include_usage, trimmed) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -413,7 +469,109 @@ class Server:
     async def completions(self, request: Request) -> Response:
         body = await self.body(request, CompletionRequest)
         params, stops = self.sampling(body)
-        return await self.run(request, "text", body, self.completion_prompts(body), params, stops, 0)
+        prompts = self.completion_prompts(body)
+        if body.echo or body.logprobs is not None or params[0].max_tokens == 0:
+            return await self.scored(request, body, prompts, params, stops)
+        return await self.run(request, "text", body, prompts, params, stops, 0)
+
+    async def scored(
+        self,
+        request: Request,
+        body: CompletionRequest,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        stops: list[str],
+    ) -> Response:
+        """A completion with `echo`, `logprobs` or `max_tokens` 0: the prompt is never cut (it must fit),
+        and log-probs come from the scorer (logprobs.py). `max_tokens` 0, or 1 at temperature 0 (what
+        lm-eval's loglikelihood requests send), is answered by one scoring pass alone: the new token is
+        the argmax after the prompt. Otherwise the engine generates as usual and prompt + completion
+        are then scored, so `logprobs` are the model's own (temperature 1, no top-k/top-p filter)."""
+        k = body.logprobs
+        if k is not None and k > self.limits.max_logprobs:
+            raise APIError(422, f"logprobs: at most {self.limits.max_logprobs}", param="logprobs")
+        if body.stream:
+            raise APIError(
+                400, "stream: echo, logprobs and max_tokens 0 are answered whole; send stream: false", param="stream"
+            )
+        max_tokens, greedy = params[0].max_tokens, params[0].temperature == 0
+        direct = max_tokens == 0 or (max_tokens == 1 and greedy)
+        room = self.block + 1 if direct else self.block  # the last new token is never read by the model
+        for i, p in enumerate(prompts):
+            if len(p) + max_tokens > room:
+                raise APIError(
+                    400,
+                    f"prompt {i}: {len(p)} tokens + max_tokens {max_tokens} do not fit this model's context of "
+                    f"{self.block} tokens (with echo or logprobs the prompt is never cut)",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
+        scorer = self.prompt_scorer()
+        top, n = max(k or 0, 1), len(params)
+        owner = [i // n for i in range(len(prompts) * n)]  # each choice's prompt
+        texts = [ChoiceText(stops) for _ in owner]
+        if direct:
+            seqs = [p + [0] * max_tokens for p in prompts]  # a placeholder target: the next token's scores
+            scored = await anyio.to_thread.run_sync(scorer.score, seqs, [1] * len(seqs), top)
+            new_of = []
+            for sc in scored:
+                new_of.append([int(sc.top_ids[-1, 0])] if max_tokens else [])
+                if max_tokens:  # the placeholder's log-prob becomes the argmax's own
+                    sc.logprobs[-1] = sc.top_logprobs[-1, 0]
+            shown = [new_of[o] for o in owner]
+            for t, new in zip(texts, shown):
+                for tok in new:
+                    if tok not in self.tok.stop_ids:
+                        t.push(tok)
+                t.finish()
+            reasons = [
+                "stop" if t.stopped or (new and new[-1] in self.tok.stop_ids) else "length"
+                for t, new in zip(texts, shown)
+            ]
+            scores = [scored[o] for o in owner]
+        else:
+            reqs, events = self.submit(prompts, params)
+            shown = await self.collect(request, reqs, events, texts)
+            reasons = [self.finish(r, t) for r, t in zip(reqs, texts)]
+            scores = [None] * len(owner)
+            if k is not None:
+                seqs = [prompts[o] + new for o, new in zip(owner, shown)]
+                starts = [1 if body.echo else len(prompts[o]) for o in owner]
+                scores = await anyio.to_thread.run_sync(scorer.score, seqs, starts, top)
+        choices = []
+        for i, (o, t, new, reason, sc) in enumerate(zip(owner, texts, shown, reasons, scores)):
+            p = prompts[o]
+            choice = {"index": i, "text": (self.tok.decode(p) if body.echo else "") + t.text, "logprobs": None}
+            if k is not None:
+                # The scored entries that belong to the tokens shown: the last m of the sequence's.
+                m = len(new) + (len(p) - 1 if body.echo else 0)
+                lps, ids, vals = (x[len(x) - m :] for x in (sc.logprobs, sc.top_ids, sc.top_logprobs))
+                lead = [None] if body.echo else []
+                choice["logprobs"] = legacy_logprobs(
+                    self.tok,
+                    (p if body.echo else []) + new,
+                    lead + list(lps),
+                    lead + [(ids[j, :k], vals[j, :k]) for j in range(m)],
+                )
+            choice["finish_reason"] = reason
+            choices.append(choice)
+        prompt_tokens = sum(len(p) for p in prompts)
+        completion_tokens = sum(len(new) for new in shown)
+        return JSONResponse(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.model_id,
+                "system_fingerprint": None,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
 
     def model_card(self) -> dict:
         return {
