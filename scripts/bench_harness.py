@@ -4,20 +4,27 @@ model's Hugging Face export: seconds per task, one request type per task, random
   python scripts/bench_harness.py                                   # tiny, the task files of tests/data/harness
   python scripts/bench_harness.py --arc arc_easy.jsonl --limit 200  # more ARC items (CORE bundle format)
   python scripts/bench_harness.py --no-hf                           # ours only (no torch needed)
+  python scripts/bench_harness.py --http                            # also over HTTP (local-completions)
 
 Each task runs through `evaluate_harness` twice (the first call compiles every shape it uses, the
 second is the steady state) and once through lm-eval's `hf` backend (transformers on CPU, float32,
-batch size --batch-size). Prints a markdown table; stderr carries lm-eval's own logs.
+batch size --batch-size). With --http, also twice through lm-eval's `local-completions` model against
+the server's app (uvicorn in this process, on a free port; the export's tokenizer files on the client
+side; max_length = block_size + 2, docs/evaluation.md). Prints a markdown table; stderr carries
+lm-eval's own logs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
+import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +62,7 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, help="documents per task (default: all)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per call, both backends (default 32)")
     p.add_argument("--no-hf", action="store_true", help="skip lm-eval's hf backend")
+    p.add_argument("--http", action="store_true", help="also lm-eval's local-completions against the server")
     args = p.parse_args(argv)
 
     import jax
@@ -69,14 +77,16 @@ def main(argv=None) -> None:
     model = GPT(cfg, rngs=nnx.Rngs(0))
     loaded = Loaded.of(model)
     tasks = task_dir({"arc": args.arc, "text": args.text, "qa": args.qa})
-    hf_lm = None
-    if not args.no_hf:
-        from lm_eval.models.huggingface import HFLM
-
+    hf_lm, export, stack = None, None, contextlib.ExitStack()
+    if not args.no_hf or args.http:
         from fgpt_jax.hf import to_hf
 
         export = to_hf(model, cfg, tasks / "hf")
+    if not args.no_hf:
+        from lm_eval.models.huggingface import HFLM
+
         hf_lm = HFLM(pretrained=str(export), device="cpu", batch_size=args.batch_size, dtype="float32")
+    url = stack.enter_context(serve(model)) if args.http else None
     rows = []
     for task, kind, _ in ROWS:
         common = dict(limit=args.limit, bootstrap_iters=0, log_samples=False)
@@ -99,7 +109,23 @@ def main(argv=None) -> None:
             hf_s = time.perf_counter() - t0
             ref_metric = {k: v for k, v in ref["results"][task].items() if k in metric}
             assert all(np.isclose(metric[k], ref_metric[k], rtol=1e-4) for k in ref_metric), (metric, ref_metric)
-        rows.append((task, kind, n, *times, hf_s, json.dumps({k: round(v, 4) for k, v in metric.items()})))
+        http_s = []
+        for _ in range(2 if url else 0):
+            t0 = time.perf_counter()
+            ref = lm_eval.simple_evaluate(
+                model="local-completions",
+                model_args=f"base_url={url},model=bench,tokenizer={export},tokenizer_backend=huggingface,"
+                f"max_length={cfg.block_size + 2},num_concurrent=1,max_retries=1",
+                batch_size=args.batch_size,
+                tasks=[task],
+                task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                **common,
+            )
+            http_s.append(time.perf_counter() - t0)
+            ref_metric = {k: v for k, v in ref["results"][task].items() if k in metric}
+            assert all(np.isclose(metric[k], ref_metric[k], rtol=1e-4) for k in ref_metric), (metric, ref_metric)
+        rows.append((task, kind, n, *times, hf_s, http_s, json.dumps({k: round(v, 4) for k, v in metric.items()})))
+    stack.close()
     shutil.rmtree(tasks, ignore_errors=True)
 
     print(
@@ -107,13 +133,38 @@ def main(argv=None) -> None:
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), {os.cpu_count()} CPUs, {platform.machine()}\n"
     )
     print(
-        "| task | request type | docs | ours 1st call, s | ours 2nd call, s | hf backend, s | hf / ours 2nd | metrics |"
+        "| task | request type | docs | ours 1st call, s | ours 2nd call, s | hf backend, s | hf / ours 2nd "
+        "| HTTP 1st call, s | HTTP 2nd call, s | metrics |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for task, kind, n, cold, warm, hf_s, metric in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for task, kind, n, cold, warm, hf_s, http_s, metric in rows:
         ratio = f"{hf_s / warm:.1f}x" if hf_s else "-"
         hf_text = f"{hf_s:.2f}" if hf_s else "-"
-        print(f"| {task} | {kind} | {n} | {cold:.2f} | {warm:.2f} | {hf_text} | {ratio} | `{metric}` |")
+        http = " | ".join(f"{t:.2f}" for t in http_s) if http_s else "- | -"
+        print(f"| {task} | {kind} | {n} | {cold:.2f} | {warm:.2f} | {hf_text} | {ratio} | {http} | `{metric}` |")
+
+
+@contextlib.contextmanager
+def serve(model):
+    """The server's app over `model` (an Engine, uvicorn in a thread on a free port): the completions URL."""
+    import uvicorn
+
+    from fgpt_jax.inference.engine import Engine
+    from fgpt_jax.inference.server import create_app
+
+    with Engine(model, max_batch=8) as engine:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench", False), log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+        finally:
+            server.should_exit = True
+            thread.join(10)
 
 
 if __name__ == "__main__":

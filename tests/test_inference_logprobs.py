@@ -4,8 +4,8 @@ numbers as the in-process harness (fgpt_jax.eval.harness) on the real task files
 
 The server runs in this process (uvicorn on a free port, in a thread) over a random tiny GPT whose
 padded vocabulary rows hold the import fill, as an imported GPT-2's do, so scores must use exactly the
-50,261 rows its export keeps; its context (256) holds every request of the tasks whole, since lm-eval's
-API client and its in-process path crop an over-long request one token apart (docs/evaluation.md).
+50,261 rows its export keeps. Its context (64) is shorter than most of the tasks' requests, so the
+cropping of long requests and the rolling windows are compared too.
 """
 
 import json
@@ -30,7 +30,7 @@ from fgpt_jax.model import GPT, GPTConfig
 from fgpt_jax.tokenizer import N_VOCAB, get_tokenizer
 
 HARNESS = Path(__file__).parent / "data" / "harness"
-BLOCK = 256
+BLOCK = 64
 TEXT = "The quick brown fox jumps over the lazy dog, and then"
 
 
@@ -170,15 +170,22 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(url, body, 
 
 
 def test_a_prompt_that_fills_the_context_is_scored_whole(url, model):
-    """max_tokens 0 takes block_size + 1 tokens (the last is only a target), max_tokens 1 greedy block_size."""
+    """The scorer's window is block_size + 1 tokens (the last is only a target): such a prompt is scored
+    whole, and its next token (max_tokens 1, greedy) is read from its last block_size tokens."""
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 50000, BLOCK + 1).tolist()
-    code, r = post(url, prompt=ids, echo=True, logprobs=1, max_tokens=0)
-    assert code == 200
-    ref, _ = reference_logprobs(model, ids[:BLOCK])
-    np.testing.assert_allclose(r["choices"][0]["logprobs"]["token_logprobs"][1:BLOCK], ref, rtol=1e-5, atol=1e-5)
-    code, r = post(url, prompt=ids[:BLOCK], echo=True, logprobs=1, max_tokens=1, temperature=0)
-    assert code == 200 and len(r["choices"][0]["logprobs"]["tokens"]) == BLOCK + 1
+    ref, rows = reference_logprobs(model, ids[:BLOCK])
+    ref = np.r_[ref, rows[-1, ids[BLOCK]]]
+    for max_tokens in (0, 1):
+        code, r = post(url, prompt=ids, echo=True, logprobs=1, max_tokens=max_tokens, temperature=0)
+        assert code == 200
+        lp = r["choices"][0]["logprobs"]
+        assert len(lp["tokens"]) == BLOCK + 1 + max_tokens
+        np.testing.assert_allclose(lp["token_logprobs"][1 : BLOCK + 1], ref, rtol=1e-5, atol=1e-5)
+    _, rows = reference_logprobs(model, ids[1:])
+    assert lp["tokens"][-1] == get_tokenizer().decode([int(np.argmax(rows[-1]))])
+    code, r = post(url, prompt=ids + [5], echo=True, logprobs=1, max_tokens=1, temperature=0)
+    assert code == 400 and r["error"]["code"] == "context_length_exceeded"
 
 
 # ---- lm-evaluation-harness over HTTP ----
@@ -199,9 +206,10 @@ def tasks_env(tmp_path_factory):
 
 @pytest.mark.slow
 def test_lm_eval_local_completions_gives_the_in_process_numbers(tasks_env, url, model, tmp_path_factory):
-    """`lm_eval --model local-completions` against the server: the four request shapes of the local tasks
-    (2-shot multiple choice, an empty context, rolling windows, generation cut at stop strings) give the
-    in-process harness's samples and metrics."""
+    """`lm_eval --model local-completions` against the server (max_length = block_size + 2, as documented):
+    the four request shapes of the local tasks (2-shot multiple choice longer than the context, an empty
+    context, documents in several rolling windows, generation cut at stop strings) give the in-process
+    harness's samples and metrics."""
     pytest.importorskip("transformers")  # lm-eval's API client tokenises with the export's tokenizer files
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -222,7 +230,7 @@ def test_lm_eval_local_completions_gives_the_in_process_numbers(tasks_env, url, 
     theirs = lm_eval.simple_evaluate(
         model="local-completions",
         model_args=f"base_url={url},model=tiny,tokenizer={hf_dir},tokenizer_backend=huggingface,"
-        f"max_length={BLOCK + 1},num_concurrent=1,max_retries=1",
+        f"max_length={BLOCK + 2},num_concurrent=1,max_retries=1",
         batch_size=16,
         tasks=tasks,
         task_manager=TaskManager(include_path=str(HARNESS), include_defaults=False),
@@ -248,6 +256,10 @@ def test_lm_eval_local_completions_gives_the_in_process_numbers(tasks_env, url, 
                 assert ours["results"][task][key] == value, (task, key)
             elif isinstance(value, float) and ("perplexity" in key or key.startswith("bits_per_byte")):
                 assert ours["results"][task][key] == pytest.approx(value, rel=1e-5), (task, key)
-    # What was exercised: generations cut by a stop string.
+    # What was exercised: requests cropped, documents in several windows, generations cut by a stop string.
+    arc = [tok.encode(c + x) for s in ours["samples"]["arc_easy_local"] for c, x in s["arguments"]]
+    assert sum(len(ids) > BLOCK + 1 for ids in arc) > len(arc) // 2
+    docs = [tok.encode(s["arguments"][0][0]) for s in ours["samples"]["shakespeare_rolling"]]
+    assert sum(len(ids) > BLOCK for ids in docs) >= 3
     gens = [s["resps"][0][0] for s in theirs["samples"]["qa_wikidata_gen"]]
     assert any(gens) and any(len(tok.encode(g)) < 8 for g in gens)

@@ -41,6 +41,8 @@ class TokenScores:
     top_ids: np.ndarray
     top_logprobs: np.ndarray
 
+    FIELDS = ("logprobs", "top_ids", "top_logprobs")
+
 
 class PromptScorer:
     """Scores token sequences with the served model (see the module docstring).

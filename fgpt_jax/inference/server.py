@@ -45,6 +45,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -53,7 +54,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from fgpt_jax.inference.engine import Engine, EngineBusy, EngineClosed, SamplingParams
-from fgpt_jax.inference.logprobs import PromptScorer, legacy_logprobs
+from fgpt_jax.inference.logprobs import PromptScorer, TokenScores, legacy_logprobs
 from fgpt_jax.inference.protocol import (
     APIError,
     ChatRequest,
@@ -496,9 +497,10 @@ class Server:
             )
         max_tokens, greedy = params[0].max_tokens, params[0].temperature == 0
         direct = max_tokens == 0 or (max_tokens == 1 and greedy)
-        room = self.block + 1 if direct else self.block  # the last new token is never read by the model
         for i, p in enumerate(prompts):
-            if len(p) + max_tokens > room:
+            # The scorer reads a prompt of up to block_size + 1 tokens whole (the last is only a target);
+            # the engine holds prompt + new tokens within block_size.
+            if (len(p) > self.block + 1) if direct else (len(p) + max_tokens > self.block):
                 raise APIError(
                     400,
                     f"prompt {i}: {len(p)} tokens + max_tokens {max_tokens} do not fit this model's context of "
@@ -511,13 +513,29 @@ class Server:
         owner = [i // n for i in range(len(prompts) * n)]  # each choice's prompt
         texts = [ChoiceText(stops) for _ in owner]
         if direct:
-            seqs = [p + [0] * max_tokens for p in prompts]  # a placeholder target: the next token's scores
-            scored = await anyio.to_thread.run_sync(scorer.score, seqs, [1] * len(seqs), top)
-            new_of = []
-            for sc in scored:
+            # A placeholder target after the prompt gives the next token's scores; a prompt that fills
+            # the scorer's window (block_size + 1) is scored whole and its next token read from its last
+            # block_size tokens, the window the engine would keep.
+            seqs, starts = [], []
+            for p in prompts:
+                if not max_tokens:
+                    seqs.append(p), starts.append(1)
+                elif len(p) <= self.block:
+                    seqs.append(p + [0]), starts.append(1)
+                else:
+                    seqs += [p, p[-self.block :] + [0]]
+                    starts += [1, self.block]
+            parts = iter(await anyio.to_thread.run_sync(scorer.score, seqs, starts, top))
+            scored, new_of = [], []
+            for p in prompts:
+                sc = next(parts)
+                if max_tokens and len(p) > self.block:
+                    nxt = next(parts)
+                    sc = TokenScores(*(np.concatenate([getattr(sc, f), getattr(nxt, f)]) for f in TokenScores.FIELDS))
                 new_of.append([int(sc.top_ids[-1, 0])] if max_tokens else [])
                 if max_tokens:  # the placeholder's log-prob becomes the argmax's own
                     sc.logprobs[-1] = sc.top_logprobs[-1, 0]
+                scored.append(sc)
             shown = [new_of[o] for o in owner]
             for t, new in zip(texts, shown):
                 for tok in new:
