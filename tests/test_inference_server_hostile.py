@@ -368,7 +368,7 @@ def test_deeply_nested_json_is_400_and_the_connection_stays_usable(address, url)
     # Nested, but shallow enough to parse: the schema refuses it.
     shallow = b'{"prompt": ' + b"[" * 200 + b"]" * 200 + b"}"
     status, answer = conn.request("POST", "/v1/completions", shallow)
-    check_error(status, answer, 422, "prompt.0")  # a list, but not of strings
+    check_error(status, answer, 422, "prompt.0.0")  # lists of lists, but not of token ids
     assert conn.request("POST", "/v1/completions", good)[0] == 200
     conn.close()
     served_ok(url)
