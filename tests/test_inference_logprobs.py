@@ -120,6 +120,11 @@ def test_token_id_prompts_equal_text_prompts_and_max_tokens_0_scores_only(url):
     assert by_ids["usage"]["completion_tokens"] == 0
     _, plain = post(url, prompt=TEXT, max_tokens=0)  # no echo: empty text, no log-probs
     assert plain["choices"][0]["text"] == "" and plain["choices"][0]["logprobs"] is None
+    _, echo = post(url, prompt=TEXT, max_tokens=0, echo=True)  # echo alone: the prompt, no log-probs
+    assert echo["choices"][0]["text"] == TEXT and echo["choices"][0]["logprobs"] is None
+    _, echo = post(url, prompt=ids[0], max_tokens=1, echo=True, temperature=0)  # and its greedy next token
+    text = echo["choices"][0]["text"]
+    assert text.startswith(TEXT) and len(text) > len(TEXT) and echo["usage"]["completion_tokens"] == 1
 
 
 def test_generated_tokens_get_logprobs(url, model, engine):

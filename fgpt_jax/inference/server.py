@@ -518,17 +518,18 @@ class Server:
             # block_size tokens, the window the engine would keep.
             seqs, starts = [], []
             for p in prompts:
-                if not max_tokens:
-                    seqs.append(p), starts.append(1)
-                elif len(p) <= self.block:
-                    seqs.append(p + [0]), starts.append(1)
-                else:
+                if max_tokens and len(p) > self.block:
                     seqs += [p, p[-self.block :] + [0]]
                     starts += [1, self.block]
+                else:
+                    seqs.append(p + [0] * max_tokens)
+                    starts.append(1)
+            if k is None and not max_tokens:  # echo alone: nothing to score
+                seqs = []
             parts = iter(await anyio.to_thread.run_sync(scorer.score, seqs, starts, top))
             scored, new_of = [], []
             for p in prompts:
-                sc = next(parts)
+                sc = next(parts, None)
                 if max_tokens and len(p) > self.block:
                     nxt = next(parts)
                     sc = TokenScores(*(np.concatenate([getattr(sc, f), getattr(nxt, f)]) for f in TokenScores.FIELDS))
