@@ -25,6 +25,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Two pytest-xdist workers, plus the CLIs they start, share as many cores: each process computes on
+# one thread (XLA's CPU backend otherwise gives each its own pool of all cores' threads, which then
+# contend). Threading only, not a program's operations: every comparison keeps its tolerance. Tests
+# that need several devices append their flag to this one; the CLIs and benchmarks outside the tests
+# run at XLA's defaults. (Optimization level 0, which compiles faster, was tried and left out: the
+# trained-run tests computed slower by more than the compile-heavy ones gained.)
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
 
 # Tests stop CLI subprocesses with Ctrl-C (SIGINT), as a terminal does its foreground job. A shell
 # without job control starts background jobs (`python -m pytest -q &`, some CI harnesses) with SIGINT

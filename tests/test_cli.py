@@ -161,6 +161,7 @@ def test_train_says_what_it_does_before_the_first_step(tmp_path):
 
     env = {**os.environ, "FGPT_JAX_CACHE": str(tmp_path / "empty-cache")}
     tiny = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "train.steps=2", "train.log_every=1"]
+    tiny += ["data.val_windows=16", "train.sample_tokens=4"]
     r = subprocess.run(
         [sys.executable, "-m", "fgpt_jax.train", "--run", str(tmp_path / "run"), *[f"--config.{o}" for o in tiny]],
         capture_output=True,

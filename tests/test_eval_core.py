@@ -532,7 +532,11 @@ def test_two_devices_equal_one(run, capsys):
     argv += ["--max-per-task", str(ITEMS)]
     assert eval_main(argv) == 0
     one = last_json(capsys.readouterr().out)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "fgpt_jax.eval", *argv], env=env, capture_output=True, text=True, timeout=600
     )

@@ -39,7 +39,8 @@ def reference(model):
     """Greedy continuation by the plain forward pass over a fixed [1, context] buffer (one compile; an
     independent check of the cache arithmetic), with the Generator's rule for over-long prompts."""
     graphdef, params = nnx.split(model)
-    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    # The argmax at position i only: not the whole [1, T, vocab] logits to the host per token.
+    fwd = jax.jit(lambda p, x, i: jnp.argmax(nnx.merge(graphdef, p)(x)[0, i]))
     T = model.config.block_size
 
     def run(prompt, n):
@@ -48,7 +49,7 @@ def reference(model):
         for _ in range(n):
             buf = np.zeros((1, T), np.int32)
             buf[0, : len(seq)] = seq
-            nxt = int(np.argmax(np.asarray(fwd(params, jnp.asarray(buf)))[0, len(seq) - 1]))
+            nxt = int(fwd(params, jnp.asarray(buf), len(seq) - 1))
             seq.append(nxt)
             out.append(nxt)
         return out

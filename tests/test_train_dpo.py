@@ -560,7 +560,7 @@ def test_two_devices_and_accumulation_match_one_batch(sft_run, straight, tmp_pat
             str(two),
             *[f"--config.{o}" for o in overrides],
         ],
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        env=dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"),
         capture_output=True,
         text=True,
         timeout=300,

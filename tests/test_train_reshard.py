@@ -131,7 +131,9 @@ def _resume_on_two(root: Path) -> None:
 
 
 def _subprocess(mode: str, root: Path, devices: int) -> None:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(
+        os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    )
     r = subprocess.run(
         [sys.executable, __file__, mode, str(root)], capture_output=True, text=True, env=env, timeout=900
     )
