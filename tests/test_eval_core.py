@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax import nnx
+from hostdevices import device_flags
 
 from fgpt_jax.config import apply_overrides, load_config
 from fgpt_jax.data import core as dcore
@@ -534,9 +535,12 @@ def test_two_devices_equal_one(run, capsys):
     one = last_json(capsys.readouterr().out)
     env = {
         **os.environ,
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": device_flags(2),
         "JAX_PLATFORMS": "cpu",
     }
+    # The flag reaches the process (XLA ignores it silently after a malformed XLA_FLAGS entry).
+    count = [sys.executable, "-c", "import jax; print(jax.device_count())"]
+    assert subprocess.run(count, env=env, capture_output=True, text=True, timeout=120).stdout.strip() == "2"
     proc = subprocess.run(
         [sys.executable, "-m", "fgpt_jax.eval", *argv], env=env, capture_output=True, text=True, timeout=600
     )

@@ -8,25 +8,28 @@ from flax import nnx
 
 from fgpt_jax.eval.scoring import Span, SpanScorer
 
-_FORWARD = {}
 
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """Log-softmax rows of a plain forward pass over `tokens`, in float64, the first `vocab` columns. One
+    compiled [1, block_size] program (the model is causal: padding after the tokens changes no row of
+    theirs), not an eager pass per length."""
+    graphdef, params = nnx.split(tiny_model)
+    forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    block = tiny_model.config.block_size
 
-def _reference(model, tokens, vocab):
-    """Log-softmax rows of a plain forward pass, in float64. One compiled [1, block_size] program (the
-    model is causal: padding after the tokens changes no row of theirs), not an eager pass per length."""
-    if id(model) not in _FORWARD:
-        graphdef, params = nnx.split(model)
-        _FORWARD[id(model)] = (jax.jit(lambda x: nnx.merge(graphdef, params)(x)), model.config.block_size)
-    forward, block = _FORWARD[id(model)]
-    buf = np.zeros((1, block), np.int32)
-    buf[0, : len(tokens)] = tokens
-    logits = np.asarray(forward(buf)[0, : len(tokens), :vocab], np.float64)
-    m = logits.max(-1, keepdims=True)
-    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+    def run(tokens, vocab):
+        buf = np.zeros((1, block), np.int32)
+        buf[0, : len(tokens)] = tokens
+        logits = np.asarray(forward(params, buf)[0, : len(tokens), :vocab], np.float64)
+        m = logits.max(-1, keepdims=True)
+        return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+    return run
 
 
 @pytest.mark.parametrize("vocab", [None, 50257])
-def test_top_k_equals_a_forward_pass(tiny_model, vocab):
+def test_top_k_equals_a_forward_pass(tiny_model, reference, vocab):
     rng = np.random.default_rng(0)
     block = tiny_model.config.block_size
     spans = [Span(rng.integers(0, 50257, n).tolist(), s) for n, s in [(5, 1), (block + 1, 3), (12, 11), (2, 1)]]
@@ -35,11 +38,11 @@ def test_top_k_equals_a_forward_pass(tiny_model, vocab):
     # One span's targets are its own argmax tokens: their log-probs must be the top-1 values exactly.
     seq = spans[0].tokens[:2]
     for _ in range(4):
-        seq.append(int(np.argmax(_reference(tiny_model, seq, vocab or 50304)[-1])))
+        seq.append(int(np.argmax(reference(seq, vocab or 50304)[-1])))
     spans.append(Span(seq, 2))
     scores = scorer(graphdef, params, scorer.pack(spans), top_k=3)
     for i, span in enumerate(spans):
-        lp = _reference(tiny_model, list(span.tokens[:-1]), vocab or 50304)
+        lp = reference(list(span.tokens[:-1]), vocab or 50304)
         rows = lp[span.start - 1 :]
         np.testing.assert_allclose(scores.logprobs[i], rows[np.arange(len(rows)), span.tokens[span.start :]], atol=2e-5)
         np.testing.assert_array_equal(scores.top_ids[i], np.argsort(-rows, axis=-1, kind="stable")[:, :3])

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hostdevices import device_flags
 
 from fgpt_jax import optim
 from fgpt_jax import sharding as shd
@@ -560,7 +561,7 @@ def test_two_devices_and_accumulation_match_one_batch(sft_run, straight, tmp_pat
             str(two),
             *[f"--config.{o}" for o in overrides],
         ],
-        env=dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"),
+        env=dict(os.environ, XLA_FLAGS=device_flags(2)),
         capture_output=True,
         text=True,
         timeout=300,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostdevices import device_flags
 
 STEPS, SAVED = 6, 3  # the runs save at step 3 and 6; the resumes start from 3
 SMALL = [
@@ -131,9 +132,7 @@ def _resume_on_two(root: Path) -> None:
 
 
 def _subprocess(mode: str, root: Path, devices: int) -> None:
-    env = dict(
-        os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-    )
+    env = dict(os.environ, XLA_FLAGS=device_flags(devices))
     r = subprocess.run(
         [sys.executable, __file__, mode, str(root)], capture_output=True, text=True, env=env, timeout=900
     )

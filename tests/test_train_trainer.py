@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from hostdevices import device_flags
 
 from fgpt_jax.checkpoint import load_model
 from fgpt_jax.config import apply_overrides, load_config, load_run_config
@@ -248,7 +249,7 @@ def one_device(tmp_path_factory):
 
 @pytest.mark.slow
 def test_data_parallel_and_fsdp_match_one_device(tmp_path, one_device):
-    four = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
+    four = {"XLA_FLAGS": device_flags(4)}
     one = one_device
     dp = _cli_losses(tmp_path / "dp", env_extra=four)
     fsdp = _cli_losses(tmp_path / "fsdp", "--config.train.sharding=fsdp", env_extra=four)

@@ -517,15 +517,13 @@ class Server:
             # the scorer's window (block_size + 1) is scored whole and its next token read from its last
             # block_size tokens, the window the engine would keep.
             seqs, starts = [], []
-            for p in prompts:
+            for p in prompts if k is not None or max_tokens else []:  # echo alone: nothing to score
                 if max_tokens and len(p) > self.block:
                     seqs += [p, p[-self.block :] + [0]]
                     starts += [1, self.block]
                 else:
                     seqs.append(p + [0] * max_tokens)
                     starts.append(1)
-            if k is None and not max_tokens:  # echo alone: nothing to score
-                seqs = []
             parts = iter(await anyio.to_thread.run_sync(scorer.score, seqs, starts, top))
             scored, new_of = [], []
             for p in prompts:
