@@ -105,10 +105,37 @@ def test_chat_page_streams_replies_and_starts_new_chats(page, server):
 
 
 def test_streamed_text_arrives_in_pieces(page, server):
-    """The page shows partial replies: record the bubble's text at each change while it streams."""
+    """The page shows partial replies: record the bubble's text at each change while it streams.
+
+    The tiny model writes 100 tokens in well under a second, so on a loaded machine the browser can
+    read the whole stream in one go and rightly paint once (CI saw exactly that). The page's fetch is
+    therefore wrapped to hand the server's real bytes on one server-sent event per read, a timer tick
+    apart, as a slow network would: what is tested is that each event is painted as it arrives."""
     page.goto(server)
     page.wait_for_function("document.getElementById('model').textContent.startsWith('chat-run')")
     page.evaluate("""() => {
+        const realFetch = window.fetch;
+        window.fetch = async (url, init) => {
+            const r = await realFetch(url, init);
+            if (!String(url).includes('/chat/completions') || !r.body) return r;
+            const reader = r.body.getReader(), decoder = new TextDecoder(), encoder = new TextEncoder();
+            let text = '', events = [];
+            const body = new ReadableStream({async pull(controller) {
+                while (!events.length) {
+                    const {value, done} = await reader.read();
+                    if (done) { if (text) controller.enqueue(encoder.encode(text)); controller.close(); return; }
+                    text += decoder.decode(value, {stream: true});
+                    let cut;
+                    while ((cut = text.indexOf('\\n\\n')) >= 0) {
+                        events.push(text.slice(0, cut + 2));
+                        text = text.slice(cut + 2);
+                    }
+                }
+                await new Promise((resolve) => setTimeout(resolve, 5));
+                controller.enqueue(encoder.encode(events.shift()));
+            }});
+            return new Response(body, {status: r.status, statusText: r.statusText, headers: r.headers});
+        };
         window.seen = [];
         new MutationObserver(() => {
             const el = document.querySelector('.msg.assistant.streaming');
